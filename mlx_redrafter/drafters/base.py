@@ -26,15 +26,18 @@ class DraftContext:
         hidden: ``(d,)`` target's final-norm hidden state at the last accepted position
             (lazy).
         root: ``()`` int32, the root token ``g0`` the target produced there (lazy).
-        tokens: Host list of all tokens so far (prompt + output), *excluding* ``root``
-            (whose value is not known on the host yet).
-        num_cached: Number of tokens in the target's cache (``len(tokens)``).
+        position: ``()`` int32, index of ``root`` in the full token sequence (prompt +
+            output), i.e. the number of tokens before it (lazy).
+        tokens: Host list of the tokens known on the host when the draft is requested
+            (prompt + output so far). Drafters proposing from lazy inputs are asked before
+            the previous step's acceptance is read, so for them this list may end up to
+            ``L`` tokens before ``position``; use it only for slow-moving context.
     """
 
     hidden: mx.array
     root: mx.array
+    position: mx.array
     tokens: list[int]
-    num_cached: int
 
 
 @dataclass

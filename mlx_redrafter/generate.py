@@ -1,0 +1,424 @@
+"""Generation: the autoregressive baseline and the speculative decoding loop, plus the CLI.
+
+One speculative step, read top to bottom in :func:`speculative_tokens`::
+
+    draft   = drafter.propose(context)          beams (W, L), root first        [drafters/]
+    tree    = pack(beams)                       N deduplicated nodes            [tree.py]
+    logits  = target.tree_forward(tree)         (N, V) + hidden (N, d)          [target.py]
+    result  = accept(tree, logits)              accepted path, next root token  [accept.py]
+    cache   = gather_path + set_length          keep the path's K/V only        [cache.py]
+
+Everything in a step is lazy until the single host synchronisation that reads the accepted
+length (and, for drafters that draft from lazy inputs, the next step's beams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_redrafter.accept import Acceptance, accept_exact, accept_greedy
+from mlx_redrafter.cache import gather_path, set_length
+from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.target import Target
+from mlx_redrafter.tree import pack
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed token; mlx-lm's ``GenerationResponse`` fields plus decoding statistics.
+
+    Attributes:
+        text: The next segment of decoded text (may be empty).
+        token: The token id.
+        logprobs: ``(V,)`` log-probabilities for AR decoding; ``None`` when speculative.
+        from_draft: True if the token was drafted and accepted.
+        prompt_tokens: Number of prompt tokens.
+        prompt_tps: Prompt tokens per second.
+        generation_tokens: Tokens generated so far.
+        generation_tps: Generation tokens per second.
+        peak_memory: Peak memory so far, GB.
+        finish_reason: ``"stop"``, ``"length"`` or ``None``.
+        steps: Target forward passes since the prompt (speculative: verification steps).
+        acceptance_by_depth: Fraction of steps that accepted at least ``k`` drafted tokens,
+            for ``k = 1 .. L-1`` (empty for AR).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    steps: int = 0
+    acceptance_by_depth: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens emitted per target call (accepted drafts + 1)."""
+        return self.generation_tokens / max(self.steps, 1)
+
+
+@dataclass
+class StepStats:
+    """Counters the speculative loop updates; read by the streaming wrapper and the bench."""
+
+    steps: int = 0
+    accepted: list[int] = field(default_factory=list)
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+
+    def acceptance_by_depth(self, depth: int) -> list[float]:
+        """Fraction of steps accepting at least k drafts, for k = 1 .. depth."""
+        if not self.accepted:
+            return [0.0] * depth
+        counts = np.asarray(self.accepted)
+        return [float((counts >= k).mean()) for k in range(1, depth + 1)]
+
+
+def _prefill(model: nn.Module, prompt: mx.array, cache: list) -> None:
+    """Run all but the last prompt token through ``model`` (as mlx-lm does), in chunks."""
+    for start in range(0, prompt.size - 1, PREFILL_STEP):
+        model(prompt[None, start : min(start + PREFILL_STEP, prompt.size - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def _history(params: SamplingParams, tokens: mx.array | None) -> mx.array | None:
+    return tokens if params.logits_processors else None
+
+
+def ar_tokens(
+    model: nn.Module, prompt: mx.array, params: SamplingParams, max_tokens: int
+) -> Iterator[tuple[int, mx.array]]:
+    """Autoregressive decoding: yields ``(token, logprobs (V,))``, mlx-lm's arithmetic.
+
+    The next step is queued (``mx.async_eval``) before the current token is read, so the
+    host never waits idle between steps.
+    """
+    cache = make_prompt_cache(model)
+    _prefill(model, prompt, cache)
+    history = prompt
+
+    def step(tokens: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        logits = params.process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return params.sample(logprobs), logprobs.squeeze(0)
+
+    y, logprobs = step(prompt[-1:], history)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n != max_tokens:
+        if params.logits_processors:
+            history = mx.concatenate([history, y])
+        next_y, next_logprobs = step(y, history)
+        mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+def _verify(
+    target: Target, tree_tokens: mx.array, tree, cache: list, params: SamplingParams
+) -> tuple[Acceptance, mx.array]:
+    """Tree forward + acceptance (lazy). Returns the acceptance and hidden ``(N, d)``."""
+    logits, hidden = target.tree_forward(tree, cache, tokens=tree_tokens)
+    if params.greedy:
+        return accept_greedy(tree, tree_tokens, logits), hidden
+    return accept_exact(tree, tree_tokens, params.probs(logits)), hidden
+
+
+def speculative_tokens(
+    target: Target,
+    drafter: Drafter,
+    prompt: list[int],
+    params: SamplingParams,
+    width: int,
+    length: int,
+    stats: StepStats,
+) -> Iterator[tuple[int, bool]]:
+    """Speculative decoding: yields ``(token, from_draft)`` forever (the caller stops).
+
+    Args:
+        target: The wrapped target model.
+        drafter: Any :class:`~mlx_redrafter.drafters.base.Drafter`.
+        prompt: Prompt token ids.
+        params: Sampling parameters (greedy when ``temp == 0``).
+        width: Beam width ``W``.
+        length: Beam length ``L`` (root included; ``L - 1`` drafted tokens).
+        stats: Updated in place.
+    """
+    if params.logits_processors:
+        raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
+    cache = target.make_cache()
+    tokens = list(prompt)
+    prompt_arr = mx.array(prompt, dtype=mx.int32)
+    _prefill(target.model, prompt_arr, cache)
+    logits, hidden = target.forward(prompt_arr[None, -1:], cache)
+    root = params.sample(logits[-1]).astype(mx.int32)
+    position = mx.array(len(tokens), dtype=mx.int32)
+    draft = drafter.propose(DraftContext(hidden[-1], root, position, tokens), width, length)
+    mx.eval(root, draft.beams)
+    beams = np.array(draft.beams)
+    yield int(root.item()), False
+    tokens.append(int(root.item()))
+    while True:
+        # pack -> verify -> accept, all lazy
+        tic = time.perf_counter()
+        tree = pack(beams)
+        tree_tokens = mx.array(tree.tokens)
+        num_cached = len(tokens) - 1
+        result, tree_hidden = _verify(target, tree_tokens, tree, cache, params)
+        gather_path(cache, result.path, num_cached)
+        # draft the next step from the lazy acceptance (no sync yet)
+        position = num_cached + 1 + result.num_accepted
+        context = DraftContext(tree_hidden[result.last_node], result.next_root, position, tokens)
+        next_draft: Draft = drafter.propose(context, width, length)
+        # the step's single host synchronisation
+        mx.eval(result.num_accepted, result.drafted, result.next_root, next_draft.beams)
+        num = int(result.num_accepted.item())
+        set_length(cache, num_cached + num + 1)
+        stats.steps += 1
+        stats.accepted.append(num)
+        stats.verify_time += time.perf_counter() - tic
+        new = result.drafted.tolist()[:num] + [int(result.next_root.item())]
+        drafter.accepted(new)
+        for i, token in enumerate(new):
+            yield token, i < num
+        tokens.extend(new)
+        beams = np.array(next_draft.beams)
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: str | list[int] | mx.array) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt.astype(mx.int32)
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return mx.array(prompt, dtype=mx.int32)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    drafter: Drafter | None = None,
+    beam_width: int = 1,
+    beam_length: int = 4,
+    sampler: SamplingParams | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    logits_processors: list | None = None,
+    stats: StepStats | None = None,
+) -> Iterator[GenerationResponse]:
+    """Stream a response token by token, as ``mlx_lm.stream_generate`` does.
+
+    With ``drafter=None`` this is autoregressive decoding (token for token what mlx-lm
+    produces for the same model, sampler and seed); with a drafter it is speculative
+    decoding with the same output (greedy: identical tokens; sampling: the same
+    distribution). EOS and ``max_tokens`` end the output at exactly the token AR would.
+
+    Args:
+        model: An mlx-lm model.
+        tokenizer: Its tokenizer (``TokenizerWrapper`` or HF tokenizer).
+        prompt: Text (already chat-formatted if wanted) or token ids.
+        max_tokens: Maximum tokens to generate.
+        drafter: ``None`` for AR, else a drafter (e.g. a loaded ReDrafter head).
+        beam_width: ``W`` beams per step.
+        beam_length: ``L`` tokens per beam including the root (``L - 1`` drafted).
+        sampler: Sampling parameters; overrides ``temp``/``top_p``/``min_p``/``top_k``.
+        temp, top_p, min_p, top_k: Sampling settings (``temp == 0``: greedy).
+        logits_processors: mlx-lm logits processors (AR only).
+        stats: Optional :class:`StepStats` to fill (speculative decoding).
+    """
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    params = sampler or SamplingParams(
+        temp=temp,
+        top_p=top_p,
+        min_p=min_p,
+        top_k=top_k,
+        logits_processors=tuple(logits_processors or ()),
+    )
+    prompt_arr = _encode(tokenizer, prompt)
+    if prompt_arr.size == 0:
+        raise ValueError("the prompt is empty")
+    _check_context(model, prompt_arr.size)
+    stats = stats if stats is not None else StepStats()
+    if drafter is None:
+        tokens = ((token, False, logprobs) for token, logprobs in ar_tokens(model, prompt_arr, params, -1))
+    else:
+        if beam_width < 1 or beam_length < 2:
+            raise ValueError("beam_width must be >= 1 and beam_length >= 2")
+        target = Target(model)
+        tokens = (
+            (token, from_draft, None)
+            for token, from_draft in speculative_tokens(
+                target, drafter, prompt_arr.tolist(), params, beam_width, beam_length, stats
+            )
+        )
+    yield from _responses(tokenizer, prompt_arr.size, tokens, max_tokens, stats, beam_length, drafter)
+
+
+def _check_context(model: nn.Module, num_prompt: int) -> None:
+    args = getattr(model, "args", None)
+    limit = getattr(args, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and num_prompt >= limit:
+        raise ValueError(
+            f"prompt of {num_prompt} tokens does not fit the model's context ({limit} tokens)"
+        )
+
+
+def _responses(
+    tokenizer: TokenizerWrapper,
+    num_prompt: int,
+    tokens: Iterator[tuple[int, bool, mx.array | None]],
+    max_tokens: int,
+    stats: StepStats,
+    beam_length: int,
+    drafter: Drafter | None,
+) -> Iterator[GenerationResponse]:
+    """Turn a token stream into mlx-lm style responses (detokenising, EOS, max_tokens)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    depth = beam_length - 1 if drafter is not None else 0
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    token, from_draft, logprobs = -1, False, None
+    for n, (token, from_draft, logprobs) in enumerate(tokens):
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = num_prompt / prompt_time
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detokenizer.add_token(token)
+        if (n + 1) == max_tokens:
+            break
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=num_prompt,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            steps=stats.steps if drafter is not None else n + 1,
+            acceptance_by_depth=stats.acceptance_by_depth(depth),
+        )
+    detokenizer.finalize()
+    yield GenerationResponse(
+        text=detokenizer.last_segment,
+        token=token,
+        logprobs=logprobs,
+        from_draft=from_draft,
+        prompt_tokens=num_prompt,
+        prompt_tps=prompt_tps,
+        generation_tokens=n + 1,
+        generation_tps=(n + 1) / (time.perf_counter() - tic),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
+        steps=stats.steps if drafter is not None else n + 1,
+        acceptance_by_depth=stats.acceptance_by_depth(depth),
+    )
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a complete response; ``kwargs`` go to :func:`stream_generate`."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print_stats(response, speculative=kwargs.get("drafter") is not None)
+    return text
+
+
+def print_stats(response: GenerationResponse, speculative: bool, file=sys.stdout) -> None:
+    """Print mlx-lm's three stats lines (plus tokens per step when speculative)."""
+    print(
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+        file=file,
+    )
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec",
+        file=file,
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=file)
+    if speculative:
+        # the first token comes from the prompt pass, not from a verification step
+        per_step = (response.generation_tokens - 1) / max(response.steps, 1)
+        print(f"Tokens per step: {per_step:.3f}", file=file)
+        depth = " ".join(f"{a:.3f}" for a in response.acceptance_by_depth)
+        print(f"Acceptance by depth: {depth}", file=file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m mlx_redrafter.generate`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_redrafter.generate",
+        description="Generate text with lossless speculative decoding (ReDrafter).",
+    )
+    p.add_argument("--model", default=None, help="mlx-lm model dir, .gguf file or hub repo (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default="What is the capital of France?", help="prompt text, or - for stdin")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--drafter", default="default", help="draft head dir, 'default' (shipped head for the default model) or 'none' (AR)")
+    p.add_argument("--beam-width", type=int, default=None)
+    p.add_argument("--beam-length", type=int, default=None)
+    p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
+    p.add_argument("--verbose", action="store_true", help="also print the per-token stream details")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    from mlx_redrafter.cli import run_generate
+
+    return run_generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Drafters used by engine tests: an oracle that knows the AR continuation, random beams."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlx_redrafter.drafters.base import Draft, DraftContext
+
+
+class OracleDrafter:
+    """Drafts the target's own AR continuation in beam 0 (long acceptances).
+
+    Other beams share a prefix of random length with the truth and then diverge, so the
+    tree has real branching. ``sequence`` is prompt + the AR output (+ padding).
+    """
+
+    stochastic = False
+
+    def __init__(self, sequence: list[int], vocab_size: int, seed: int = 0, wrong_every: int = 0):
+        self.sequence = mx.array(sequence + [0] * 64, dtype=mx.int32)
+        self.vocab_size = vocab_size
+        self.key = mx.random.key(seed)
+        self.wrong_every = wrong_every
+        self.calls = 0
+
+    def reset(self, prompt_tokens: list[int]) -> None:
+        self.calls = 0
+
+    def propose(self, context: DraftContext, width: int, length: int) -> Draft:
+        self.calls += 1
+        self.key, k1, k2 = mx.random.split(self.key, 3)
+        idx = context.position + mx.arange(length)
+        truth = self.sequence[mx.minimum(idx, self.sequence.size - 1)]
+        truth = mx.concatenate([context.root[None], truth[1:]])
+        if self.wrong_every and self.calls % self.wrong_every == 0:
+            # occasionally break the truth at a random depth
+            cut = mx.random.randint(1, length, key=k1)
+            noise = mx.random.randint(0, self.vocab_size, (length,), key=k2)
+            truth = mx.where(mx.arange(length) >= cut, noise, truth)
+        beams = [truth]
+        for w in range(1, width):
+            kw1, kw2 = mx.random.split(mx.random.fold_in(k2, w)) if hasattr(mx.random, "fold_in") else mx.random.split(k2)
+            share = mx.random.randint(1, length, key=kw1)
+            noise = mx.random.randint(0, self.vocab_size, (length,), key=kw2)
+            beams.append(mx.where(mx.arange(length) < share, truth, noise))
+        return Draft(beams=mx.stack(beams).astype(mx.int32))
+
+    def accepted(self, tokens: list[int]) -> None:
+        pass
+
+
+class RandomDrafter:
+    """Uniformly random beams (almost nothing is accepted)."""
+
+    stochastic = False
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.key = mx.random.key(seed)
+
+    def reset(self, prompt_tokens: list[int]) -> None:
+        pass
+
+    def propose(self, context: DraftContext, width: int, length: int) -> Draft:
+        self.key, sub = mx.random.split(self.key)
+        rest = mx.random.randint(0, self.vocab_size, (width, length - 1), key=sub)
+        roots = mx.broadcast_to(context.root.reshape(1, 1), (width, 1))
+        return Draft(beams=mx.concatenate([roots, rest], axis=1).astype(mx.int32))
+
+    def accepted(self, tokens: list[int]) -> None:
+        pass

@@ -1,0 +1,85 @@
+"""The AR baseline reproduces mlx-lm token for token, and the CLI prints mlx-lm's stats."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_redrafter import generate as gen
+
+
+def _ours(model, tok, prompt, **kw):
+    return [r.token for r in gen.stream_generate(model, tok, prompt, **kw)]
+
+
+def _theirs(model, tok, prompt, max_tokens, **sampler_kw):
+    sampler = make_sampler(**sampler_kw)
+    return [
+        r.token
+        for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=sampler)
+    ]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temp": 0.0},
+        {"temp": 1.0},
+        {"temp": 0.7, "top_p": 0.9},
+        {"temp": 1.3, "top_k": 5, "min_p": 0.05},
+    ],
+)
+def test_ar_matches_mlx_lm(tiny_model_dir, sampling):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    for prompt in ["the cat", "hello world 1", "a"]:
+        mx.random.seed(7)
+        want = _theirs(model, tok, prompt, 40, **sampling)
+        mx.random.seed(7)
+        got = _ours(model, tok, prompt, max_tokens=40, **sampling)
+        assert got == want
+
+
+def test_response_fields_match_mlx_lm(tiny_model_dir):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    ours = list(gen.stream_generate(model, tok, "the cat", max_tokens=12))
+    theirs = list(mlx_lm.stream_generate(model, tok, "the cat", max_tokens=12))
+    assert [r.text for r in ours] == [r.text for r in theirs]
+    assert [r.generation_tokens for r in ours] == [r.generation_tokens for r in theirs]
+    assert ours[-1].finish_reason == theirs[-1].finish_reason
+    assert ours[-1].prompt_tokens == theirs[-1].prompt_tokens
+
+
+def test_prompt_beyond_context_is_refused(tiny_model_dir):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    model.args.max_position_embeddings = 8
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        list(gen.stream_generate(model, tok, list(range(1, 20)), max_tokens=4))
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.generate", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+    )
+
+
+def test_cli_prints_text_then_stats(tiny_model_dir):
+    out = _cli("--model", str(tiny_model_dir), "--prompt", "-", "--max-tokens", "10",
+               "--drafter", "none", stdin="the cat")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-3].startswith("Prompt: ") and "tokens-per-sec" in lines[-3]
+    assert lines[-2].startswith("Generation: 10 tokens, ")
+    assert lines[-1].startswith("Peak memory: ") and lines[-1].endswith(" GB")
+
+
+def test_cli_missing_model_is_one_clear_line(tmp_path):
+    out = _cli("--model", str(tmp_path / "nope"), "--drafter", "none")
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "model path not found" in err[0]

@@ -1,0 +1,133 @@
+"""Greedy speculative decoding equals AR decoding token for token (fp32).
+
+Across 3 architectures x 20 prompts x 200 tokens, with an oracle drafter (long accepted
+blocks, real branching) and random drafts, including EOS and max_tokens landing inside an
+accepted block. The last tests show the check has teeth: a single wrong tree-mask entry,
+or tree positions off by one, break it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from fake_drafters import OracleDrafter, RandomDrafter
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from tiny_models import byte_tokenizer, tiny_model
+
+from mlx_redrafter import generate as gen
+from mlx_redrafter import target as target_module
+
+ARCHS = ["llama", "qwen3", "gemma3_text"]
+NUM_PROMPTS = 20
+NUM_TOKENS = 200
+
+
+def _prompts(seed: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(NUM_PROMPTS)]
+
+
+def _tokens(model, tok, prompt, max_tokens, **kw) -> list[int]:
+    return [r.token for r in gen.stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TokenizerWrapper(byte_tokenizer())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_speculative_equals_ar(arch, tokenizer):
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model(arch, seed=3, scale=2.0, vocab_size=vocab)
+    tokenizer.eos_token_ids = {10**6}  # no EOS: run the full length
+    total_accepted = 0
+    for i, prompt in enumerate(_prompts(hash(arch) % 1000, vocab)):
+        ar = _tokens(model, tokenizer, prompt, NUM_TOKENS)
+        assert len(ar) == NUM_TOKENS
+        oracle = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3)
+        width, length = [(1, 4), (2, 5), (4, 3), (3, 6)][i % 4]
+        stats = gen.StepStats()
+        spec = _tokens(model, tokenizer, prompt, NUM_TOKENS, drafter=oracle,
+                       beam_width=width, beam_length=length, stats=stats)
+        assert spec == ar, f"{arch} prompt {i}: first mismatch at {_first_diff(spec, ar)}"
+        total_accepted += sum(stats.accepted)
+        rand = _tokens(model, tokenizer, prompt, 60, drafter=RandomDrafter(vocab, seed=i),
+                       beam_width=3, beam_length=4)
+        assert rand == ar[:60]
+    # the oracle must really produce long accepted blocks, or this test proves little
+    assert total_accepted > NUM_PROMPTS * NUM_TOKENS // 3
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_eos_and_max_tokens_inside_accepted_blocks(arch, tokenizer):
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model(arch, seed=5, scale=2.0, vocab_size=vocab)
+    hits_inside = 0
+    for i, prompt in enumerate(_prompts(11, vocab)[:10]):
+        tokenizer.eos_token_ids = {10**6}
+        ar_full = _tokens(model, tokenizer, prompt, 80)
+        # an EOS id that AR emits somewhere in the middle of its output
+        eos = ar_full[20 + i]
+        tokenizer.eos_token_ids = {eos}
+        for max_tokens in (7, 33, 80):
+            ar = _tokens(model, tokenizer, prompt, max_tokens)
+            stats = gen.StepStats()
+            spec = _tokens(model, tokenizer, prompt, max_tokens, stats=stats,
+                           drafter=OracleDrafter(prompt + ar_full, vocab, seed=i),
+                           beam_width=2, beam_length=6)
+            assert spec == ar
+            hits_inside += max(stats.accepted, default=0) >= 2
+    tokenizer.eos_token_ids = {10**6}
+    assert hits_inside > 0
+
+
+class _BrokenMaskTarget(target_module.Target):
+    """A target whose tree mask has one wrong entry: node 1 may see its sibling 2."""
+
+    def tree_mask(self, tree, num_cached):  # pragma: no cover - exercised via the test
+        mask = super().tree_mask(tree, num_cached)
+        if mask.shape[-2] > 2:
+            fixed = np.array(mask)
+            fixed[..., 1, num_cached + 2] = True if fixed.dtype == bool else 0.0
+            return mx.array(fixed)
+        return mask
+
+
+def test_a_wrong_mask_entry_is_caught(tokenizer, monkeypatch):
+    """Teeth: the same comparison fails when one mask entry lets a sibling be seen."""
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
+    tokenizer.eos_token_ids = {10**6}
+    monkeypatch.setattr(gen, "Target", _BrokenMaskTarget)
+    mismatches = 0
+    for i, prompt in enumerate(_prompts(5, vocab)[:6]):
+        ar = _tokens(model, tokenizer, prompt, 60)
+        spec = _tokens(model, tokenizer, prompt, 60, drafter=OracleDrafter(prompt + ar, vocab, seed=i),
+                       beam_width=4, beam_length=4)
+        mismatches += spec != ar
+    assert mismatches > 0
+
+
+def test_positions_off_by_one_are_caught(tokenizer, monkeypatch):
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
+    tokenizer.eos_token_ids = {10**6}
+    original = target_module.Target.tree_positions
+
+    def shifted(self, tree, num_cached):
+        return original(self, tree, num_cached) + 1
+
+    monkeypatch.setattr(target_module.Target, "tree_positions", shifted)
+    mismatches = 0
+    for i, prompt in enumerate(_prompts(6, vocab)[:6]):
+        ar = _tokens(model, tokenizer, prompt, 60)
+        spec = _tokens(model, tokenizer, prompt, 60, drafter=OracleDrafter(prompt + ar, vocab, seed=i),
+                       beam_width=2, beam_length=4)
+        mismatches += spec != ar
+    assert mismatches > 0
