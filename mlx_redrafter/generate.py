@@ -138,7 +138,7 @@ def _verify(
     target: Target, tree_tokens: mx.array, tree, cache: list, params: SamplingParams
 ) -> tuple[Acceptance, mx.array]:
     """Tree forward + acceptance (lazy). Returns the acceptance and hidden ``(N, d)``."""
-    logits, hidden = target.tree_forward(tree, cache, tokens=tree_tokens)
+    logits, hidden = target.tree_forward(tree, cache)
     if params.greedy:
         return accept_greedy(tree, tree_tokens, logits), hidden
     return accept_exact(tree, tree_tokens, params.probs(logits)), hidden
@@ -169,7 +169,9 @@ def speculative_tokens(
     cache = target.make_cache()
     tokens = list(prompt)
     prompt_arr = mx.array(prompt, dtype=mx.int32)
-    _prefill(target.model, prompt_arr, cache)
+    for start in range(0, len(prompt) - 1, PREFILL_STEP):
+        target.forward(prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)], cache)
+        mx.eval([c.state for c in cache])
     logits, hidden = target.forward(prompt_arr[None, -1:], cache)
     root = params.sample(logits[-1]).astype(mx.int32)
     position = mx.array(len(tokens), dtype=mx.int32)

@@ -87,47 +87,36 @@ def test_eos_and_max_tokens_inside_accepted_blocks(arch, tokenizer):
     assert hits_inside > 0
 
 
-class _BrokenMaskTarget(target_module.Target):
-    """A target whose tree mask has one wrong entry: node 1 may see its sibling 2."""
-
-    def tree_mask(self, tree, num_cached):  # pragma: no cover - exercised via the test
-        mask = super().tree_mask(tree, num_cached)
-        if mask.shape[-2] > 2:
-            fixed = np.array(mask)
-            fixed[..., 1, num_cached + 2] = True if fixed.dtype == bool else 0.0
-            return mx.array(fixed)
-        return mask
+_ORIGINAL_BUILD = target_module._TreeLayout.build.__func__
 
 
-def test_a_wrong_mask_entry_is_caught(tokenizer, monkeypatch):
-    """Teeth: the same comparison fails when one mask entry lets a sibling be seen."""
+def _sibling_visible(cls, tree, num_cached):
+    """One wrong mask entry: node 1 also sees node 2 (a sibling or a descendant)."""
+    layout = _ORIGINAL_BUILD(cls, tree, num_cached)
+    if tree.size < 3:
+        return layout
+    visible = np.array(layout.visible)
+    visible[1, num_cached + 2] = True
+    return cls(layout.positions, mx.array(visible), layout.key_positions)
+
+
+def _positions_off_by_one(cls, tree, num_cached):
+    layout = _ORIGINAL_BUILD(cls, tree, num_cached)
+    return cls(layout.positions + 1, layout.visible, layout.key_positions)
+
+
+@pytest.mark.parametrize("broken", [_sibling_visible, _positions_off_by_one])
+def test_the_check_has_teeth(broken, tokenizer, monkeypatch):
+    """The same comparison fails with one wrong mask entry, or positions off by one."""
     vocab = len(tokenizer._tokenizer)
     model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
     tokenizer.eos_token_ids = {10**6}
-    monkeypatch.setattr(gen, "Target", _BrokenMaskTarget)
+    prompts = _prompts(5, vocab)[:6]
+    expected = [_tokens(model, tokenizer, p, 60) for p in prompts]
+    monkeypatch.setattr(target_module._TreeLayout, "build", classmethod(broken))
     mismatches = 0
-    for i, prompt in enumerate(_prompts(5, vocab)[:6]):
-        ar = _tokens(model, tokenizer, prompt, 60)
-        spec = _tokens(model, tokenizer, prompt, 60, drafter=OracleDrafter(prompt + ar, vocab, seed=i),
-                       beam_width=4, beam_length=4)
-        mismatches += spec != ar
-    assert mismatches > 0
-
-
-def test_positions_off_by_one_are_caught(tokenizer, monkeypatch):
-    vocab = len(tokenizer._tokenizer)
-    model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
-    tokenizer.eos_token_ids = {10**6}
-    original = target_module.Target.tree_positions
-
-    def shifted(self, tree, num_cached):
-        return original(self, tree, num_cached) + 1
-
-    monkeypatch.setattr(target_module.Target, "tree_positions", shifted)
-    mismatches = 0
-    for i, prompt in enumerate(_prompts(6, vocab)[:6]):
-        ar = _tokens(model, tokenizer, prompt, 60)
-        spec = _tokens(model, tokenizer, prompt, 60, drafter=OracleDrafter(prompt + ar, vocab, seed=i),
-                       beam_width=2, beam_length=4)
+    for i, (prompt, ar) in enumerate(zip(prompts, expected)):
+        drafter = OracleDrafter(prompt + ar, vocab, seed=i)
+        spec = _tokens(model, tokenizer, prompt, 60, drafter=drafter, beam_width=4, beam_length=4)
         mismatches += spec != ar
     assert mismatches > 0

@@ -83,13 +83,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, scale: float = 1.0, **overrid
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(cfg))
     if scale != 1.0:
-        model.update(
-            {
-                k: v * scale
-                for k, v in tree_flatten(model.parameters(), destination={})
-                if "norm" not in k
-            }
-        )
+        from mlx.utils import tree_unflatten
+
+        scaled = [
+            (k, v * scale if "norm" not in k else v) for k, v in tree_flatten(model.parameters())
+        ]
+        model.update(tree_unflatten(scaled))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
