@@ -129,38 +129,30 @@ def children_table(tree: Tree) -> np.ndarray:
     return table
 
 
-def exact_randomness(tree: Tree, vocab_size: int, key: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """Fresh randomness for :func:`accept_exact`: uniforms ``(L, C)``, Gumbel noise ``(L, V)``."""
+def exact_randomness(
+    tree: Tree, vocab_size: int, samples: int = 1, key: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Fresh randomness for :func:`exact_walk`: uniforms ``(S, L, C)``, Gumbel ``(S, L, V)``."""
     depth = tree.unpack.shape[1]
     width = children_table(tree).shape[1]
     key_u, key_g = mx.random.split(key) if key is not None else (None, None)
-    uniforms = mx.random.uniform(shape=(depth, width), key=key_u)
-    gumbel = mx.random.gumbel(shape=(depth, vocab_size), key=key_g)
+    uniforms = mx.random.uniform(shape=(samples, depth, width), key=key_u)
+    gumbel = mx.random.gumbel(shape=(samples, depth, vocab_size), key=key_g)
     return uniforms, gumbel
 
 
-def accept_exact(
-    tree: Tree,
-    tokens: mx.array,
-    probs: mx.array,
-    uniforms: mx.array | None = None,
-    gumbel: mx.array | None = None,
-) -> Acceptance:
+def accept_exact(tree: Tree, tokens: mx.array, probs: mx.array) -> Acceptance:
     """Exact recursive rejection sampling over a deterministic draft tree (module doc).
 
     Args:
         tree: The packed tree.
         tokens: ``(N,)`` int32 packed node tokens.
         probs: ``(N, V)`` float32 target sampling distribution at every node.
-        uniforms: ``(L, C)`` acceptance uniforms (``C`` = max children per node);
-            drawn from the global generator when ``None``.
-        gumbel: ``(L, V)`` Gumbel noise for the residual / bonus draws.
     """
-    if uniforms is None or gumbel is None:
-        uniforms, gumbel = exact_randomness(tree, probs.shape[-1])
+    uniforms, gumbel = exact_randomness(tree, probs.shape[-1])
     children = mx.array(children_table(tree))
     num, node, next_root = exact_walk(children, tokens, probs, uniforms, gumbel)
-    return _finish(tree, tokens, _beam_of(tree, node), num, next_root)
+    return _finish(tree, tokens, _beam_of(tree, node[0]), num[0], next_root[0])
 
 
 def exact_walk(
@@ -170,39 +162,40 @@ def exact_walk(
     uniforms: mx.array,
     gumbel: mx.array,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """The walk of :func:`accept_exact` on explicit randomness (vmappable over it).
+    """The walk of :func:`accept_exact`, for ``S`` independent draws at once.
 
     Args:
         children: ``(N, C)`` int32 children table (-1 padded), drafter order.
         tokens: ``(N,)`` int32 node tokens.
         probs: ``(N, V)`` target distribution per node.
-        uniforms: ``(L, C)`` uniforms in [0, 1).
-        gumbel: ``(L, V)`` standard Gumbel noise.
+        uniforms: ``(S, L, C)`` uniforms in [0, 1).
+        gumbel: ``(S, L, V)`` standard Gumbel noise.
 
     Returns:
-        ``(num_accepted, last_node, next_root)``, each ``()`` int32.
+        ``(num_accepted, last_node, next_root)``, each ``(S,)`` int32.
     """
-    levels, width = uniforms.shape
-    vocab = mx.arange(probs.shape[-1])
-    node = mx.array(0, dtype=mx.int32)
-    num = mx.array(0, dtype=mx.int32)
-    stopped = mx.array(False)
-    next_root = mx.array(0, dtype=mx.int32)
+    samples, levels, width = uniforms.shape
+    vocab = mx.arange(probs.shape[-1])[None, :]  # (1, V)
+    node = mx.zeros((samples,), dtype=mx.int32)
+    num = mx.zeros((samples,), dtype=mx.int32)
+    stopped = mx.zeros((samples,), dtype=mx.bool_)
+    next_root = mx.zeros((samples,), dtype=mx.int32)
     for level in range(levels):
-        residual = probs[node]  # (V,)
-        chosen = mx.array(-1, dtype=mx.int32)
+        residual = probs[node]  # (S, V)
+        chosen = mx.full((samples,), -1, dtype=mx.int32)
         for i in range(width):
-            child = children[node, i]
+            child = children[node, i]  # (S,)
             live = (child >= 0) & (chosen < 0) & ~stopped
-            token = tokens[mx.maximum(child, 0)]
-            ratio = residual[token] / mx.maximum(residual.sum(), 1e-30)
-            take = live & (uniforms[level, i] < ratio)
+            token = tokens[mx.maximum(child, 0)]  # (S,)
+            mass = mx.maximum(residual.sum(axis=-1), 1e-30)
+            ratio = mx.take_along_axis(residual, token[:, None], axis=-1)[:, 0] / mass
+            take = live & (uniforms[:, level, i] < ratio)
             drop = live & ~take
-            residual = mx.where(drop & (vocab == token), 0.0, residual)
+            residual = mx.where(drop[:, None] & (vocab == token[:, None]), 0.0, residual)
             chosen = mx.where(take, child, chosen)
         descended = chosen >= 0
         # every child rejected, or a leaf: emit a draw from the residual here
-        draw = mx.argmax(mx.log(residual) + gumbel[level]).astype(mx.int32)
+        draw = mx.argmax(mx.log(residual) + gumbel[:, level], axis=-1).astype(mx.int32)
         next_root = mx.where(~stopped & ~descended, draw, next_root)
         stopped = stopped | ~descended
         num = num + descended.astype(mx.int32)
@@ -211,12 +204,7 @@ def exact_walk(
 
 
 def accept_redrafter(
-    tree: Tree,
-    tokens: mx.array,
-    probs: mx.array,
-    draft_logprobs: mx.array,
-    uniforms: mx.array | None = None,
-    gumbel: mx.array | None = None,
+    tree: Tree, tokens: mx.array, probs: mx.array, draft_logprobs: mx.array, temp: float = 1.0
 ) -> Acceptance:
     """ReDrafter's published rule (approximate; see the module doc).
 
@@ -225,30 +213,53 @@ def accept_redrafter(
         tokens: ``(N,)`` int32 node tokens.
         probs: ``(N, V)`` target distribution per node.
         draft_logprobs: ``(W, L-1, V)`` the head's log-probs along each beam.
-        uniforms: ``(W, L-1)`` uniforms; drawn when ``None``.
-        gumbel: ``(V,)`` Gumbel noise for the final draw; drawn when ``None``.
+        temp: Temperature applied to the head's distribution too (as ReDrafter does).
     """
     width, length = tree.unpack.shape
-    if uniforms is None or gumbel is None:
-        uniforms = mx.random.uniform(shape=(width, length - 1))
-        gumbel = mx.random.gumbel(shape=(probs.shape[-1],))
+    uniforms = mx.random.uniform(shape=(1, width, length - 1))
+    gumbel = mx.random.gumbel(shape=(1, probs.shape[-1]))
     unpack = mx.array(tree.unpack)
+    q = mx.softmax(draft_logprobs.astype(mx.float32) / max(temp, 1e-6), axis=-1)
+    num, best, next_root = redrafter_walk(unpack, tokens, probs, q, uniforms, gumbel)
+    return _finish(tree, tokens, best[0], num[0], next_root[0])
+
+
+def redrafter_walk(
+    unpack: mx.array,
+    tokens: mx.array,
+    probs: mx.array,
+    q: mx.array,
+    uniforms: mx.array,
+    gumbel: mx.array,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """ReDrafter's rule for ``S`` independent draws at once.
+
+    Args:
+        unpack: ``(W, L)`` node index of every beam position.
+        tokens: ``(N,)`` node tokens.
+        probs: ``(N, V)`` target distribution per node.
+        q: ``(W, L-1, V)`` head distribution at each drafted position.
+        uniforms: ``(S, W, L-1)`` acceptance uniforms.
+        gumbel: ``(S, V)`` Gumbel noise for the final draw.
+
+    Returns:
+        ``(num_accepted, best_beam, next_root)``, each ``(S,)`` int32.
+    """
     drafted = tokens[unpack[:, 1:]]  # (W, L-1)
-    p_parent = probs[unpack[:, :-1]]  # (W, L-1, V)
-    p_tok = mx.take_along_axis(p_parent, drafted[..., None], axis=-1)[..., 0]
-    q_all = mx.exp(draft_logprobs.astype(mx.float32))
-    q_tok = mx.take_along_axis(q_all, drafted[..., None], axis=-1)[..., 0]
-    ok = uniforms < mx.minimum(1.0, p_tok / mx.maximum(q_tok, 1e-30))
-    lengths = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
-    best = mx.argmax(lengths)
-    num = lengths[best]
-    node = mx.take(unpack[best], num)
-    p = probs[node]
-    q_pad = mx.concatenate([q_all[best], mx.zeros_like(q_all[best, :1])], axis=0)  # (L, V)
-    residual = mx.maximum(p - q_pad[num], 0.0)
-    residual = mx.where(residual.sum() > 0, residual, p)
-    next_root = mx.argmax(mx.log(residual) + gumbel).astype(mx.int32)
-    return _finish(tree, tokens, best, num, next_root)
+    p_tok = mx.take_along_axis(probs[unpack[:, :-1]], drafted[..., None], axis=-1)[..., 0]
+    q_tok = mx.take_along_axis(q, drafted[..., None], axis=-1)[..., 0]
+    ratio = mx.minimum(1.0, p_tok / mx.maximum(q_tok, 1e-30))  # (W, L-1)
+    ok = uniforms < ratio[None]
+    lengths = mx.cumprod(ok.astype(mx.int32), axis=2).sum(axis=2)  # (S, W)
+    best = mx.argmax(lengths, axis=1).astype(mx.int32)  # (S,)
+    num = mx.take_along_axis(lengths, best[:, None], axis=1)[:, 0]
+    node = unpack[best, num]  # (S,)
+    q_pad = mx.concatenate([q, mx.zeros_like(q[:, :1])], axis=1)  # (W, L, V)
+    residual = mx.maximum(probs[node] - q_pad[best, num], 0.0)  # (S, V)
+    empty = residual.sum(axis=-1, keepdims=True) <= 0
+    residual = mx.where(empty, probs[node], residual)
+    next_root = mx.argmax(mx.log(residual) + gumbel, axis=-1).astype(mx.int32)
+    return num.astype(mx.int32), best, next_root
 
 
 def _beam_of(tree: Tree, node: mx.array) -> mx.array:
