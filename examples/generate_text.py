@@ -1,6 +1,6 @@
 """Plain generation through the Python API.
 
-    python examples/generate_text.py [--model DIR] [--prompt TEXT] [--drafter DIR|none]
+python examples/generate_text.py [--model DIR] [--prompt TEXT] [--drafter DIR|none]
 """
 
 import argparse
@@ -11,7 +11,9 @@ from mlx_redrafter import generate, load, load_drafter
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None, help="model dir / .gguf (default model if omitted)")
+    parser.add_argument(
+        "--model", default=None, help="model dir / .gguf (default model if omitted)"
+    )
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--drafter", default="default", help="head dir, 'default' or 'none'")
     parser.add_argument("--max-tokens", type=int, default=64)

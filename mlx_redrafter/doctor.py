@@ -7,10 +7,10 @@ import statistics
 import sys
 import time
 
+import mlx.core as mx  # noqa: E402  (after mlx_redrafter: the BLAS must load first)
+
 from mlx_redrafter import BLAS
 from mlx_redrafter._blas import blas_symbol_owner
-
-import mlx.core as mx  # noqa: E402  (after mlx_redrafter: the BLAS must load first)
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:

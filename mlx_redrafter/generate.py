@@ -26,12 +26,12 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_redrafter.accept import Acceptance, accept_exact, accept_greedy
+from mlx_redrafter.accept import Acceptance, accept_exact, accept_greedy, accept_redrafter
 from mlx_redrafter.cache import gather_path, set_length
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
-from mlx_redrafter.tree import pack
+from mlx_redrafter.tree import Tree, pack
 
 PREFILL_STEP = 2048
 
@@ -77,12 +77,23 @@ class GenerationResponse:
 
 @dataclass
 class StepStats:
-    """Counters the speculative loop updates; read by the streaming wrapper and the bench."""
+    """Counters the speculative loop updates; read by the streaming wrapper and the bench.
+
+    Attributes:
+        steps: Verification steps (target calls after the prompt).
+        accepted: Drafted tokens accepted at each step.
+        tree_sizes: Packed tree size ``N`` at each step.
+        profile: When true, the loop evaluates each phase separately (extra host syncs)
+            so that ``times`` splits the step into draft / verify / accept / compact;
+            otherwise everything runs lazily and only ``times["step"]`` is filled.
+        times: Seconds spent per phase.
+    """
 
     steps: int = 0
     accepted: list[int] = field(default_factory=list)
-    draft_time: float = 0.0
-    verify_time: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)
+    profile: bool = False
+    times: dict[str, float] = field(default_factory=dict)
 
     def acceptance_by_depth(self, depth: int) -> list[float]:
         """Fraction of steps accepting at least k drafts, for k = 1 .. depth."""
@@ -90,6 +101,14 @@ class StepStats:
             return [0.0] * depth
         counts = np.asarray(self.accepted)
         return [float((counts >= k).mean()) for k in range(1, depth + 1)]
+
+    def lap(self, phase: str, start: float, *arrays: mx.array) -> float:
+        """Close ``phase`` (evaluating ``arrays`` first when profiling); returns the time now."""
+        if self.profile and arrays:
+            mx.eval(*arrays)
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - start
+        return now
 
 
 def _prefill(model: nn.Module, prompt: mx.array, cache: list) -> None:
@@ -99,8 +118,14 @@ def _prefill(model: nn.Module, prompt: mx.array, cache: list) -> None:
         mx.eval([c.state for c in cache])
 
 
-def _history(params: SamplingParams, tokens: mx.array | None) -> mx.array | None:
-    return tokens if params.logits_processors else None
+def _ar_step(
+    model: nn.Module, cache: list, params: SamplingParams, tokens: mx.array, history: mx.array
+) -> tuple[mx.array, mx.array]:
+    """One AR step: ``tokens (n,)`` in, ``(next token (1,), logprobs (V,))`` out (lazy)."""
+    logits = model(tokens[None], cache=cache)[:, -1, :]
+    logits = params.process(history, logits)
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    return params.sample(logprobs), logprobs.squeeze(0)
 
 
 def ar_tokens(
@@ -114,34 +139,46 @@ def ar_tokens(
     cache = make_prompt_cache(model)
     _prefill(model, prompt, cache)
     history = prompt
-
-    def step(tokens: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
-        logits = params.process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return params.sample(logprobs), logprobs.squeeze(0)
-
-    y, logprobs = step(prompt[-1:], history)
+    y, logprobs = _ar_step(model, cache, params, prompt[-1:], history)
     mx.async_eval(y, logprobs)
     n = 0
     while n != max_tokens:
         if params.logits_processors:
-            history = mx.concatenate([history, y])
-        next_y, next_logprobs = step(y, history)
+            history = mx.concatenate([history, y.astype(history.dtype)])
+        next_y, next_logprobs = _ar_step(model, cache, params, y, history)
         mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
         y, logprobs = next_y, next_logprobs
         n += 1
 
 
-def _verify(
-    target: Target, tree_tokens: mx.array, tree, cache: list, params: SamplingParams
-) -> tuple[Acceptance, mx.array]:
-    """Tree forward + acceptance (lazy). Returns the acceptance and hidden ``(N, d)``."""
-    logits, hidden = target.tree_forward(tree, cache)
+def accept(
+    tree: Tree, logits: mx.array, params: SamplingParams, rule: str, draft: Draft
+) -> Acceptance:
+    """Apply the acceptance rule (greedy when ``temp == 0``, else ``rule``) to one tree."""
+    tokens = mx.array(tree.tokens)
     if params.greedy:
-        return accept_greedy(tree, tree_tokens, logits), hidden
-    return accept_exact(tree, tree_tokens, params.probs(logits)), hidden
+        return accept_greedy(tree, tokens, logits)
+    probs = params.probs(logits)
+    if rule == "redrafter":
+        if draft.draft_logprobs is None:
+            raise ValueError("the redrafter rule needs the drafter's log-probs (draft_logprobs)")
+        return accept_redrafter(tree, tokens, probs, draft.draft_logprobs, params.temp)
+    if draft.draft_logprobs is not None and getattr(draft, "sampled", False):
+        raise ValueError("sampled drafts need the chain rule (not implemented for trees)")
+    return accept_exact(tree, tokens, probs)
+
+
+def prefill(
+    target: Target, prompt: list[int], cache: list, params: SamplingParams
+) -> tuple[mx.array, mx.array]:
+    """Prompt pass: returns the first generated token ``()`` and the last hidden ``(d,)``."""
+    prompt_arr = mx.array(prompt, dtype=mx.int32)
+    for start in range(0, len(prompt) - 1, PREFILL_STEP):
+        target.forward(prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)], cache)
+        mx.eval([c.state for c in cache])
+    logits, hidden = target.forward(prompt_arr[-1:], cache)
+    return params.sample(logits[-1]).astype(mx.int32), hidden[-1]
 
 
 def speculative_tokens(
@@ -152,6 +189,7 @@ def speculative_tokens(
     width: int,
     length: int,
     stats: StepStats,
+    rule: str = "exact",
 ) -> Iterator[tuple[int, bool]]:
     """Speculative decoding: yields ``(token, from_draft)`` forever (the caller stops).
 
@@ -163,48 +201,47 @@ def speculative_tokens(
         width: Beam width ``W``.
         length: Beam length ``L`` (root included; ``L - 1`` drafted tokens).
         stats: Updated in place.
+        rule: ``"exact"`` or ``"redrafter"`` (approximate) when sampling.
     """
     if params.logits_processors:
         raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
+    drafter.reset(prompt)
     cache = target.make_cache()
     tokens = list(prompt)
-    prompt_arr = mx.array(prompt, dtype=mx.int32)
-    for start in range(0, len(prompt) - 1, PREFILL_STEP):
-        target.forward(prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)], cache)
-        mx.eval([c.state for c in cache])
-    logits, hidden = target.forward(prompt_arr[None, -1:], cache)
-    root = params.sample(logits[-1]).astype(mx.int32)
+    root, hidden = prefill(target, prompt, cache, params)
     position = mx.array(len(tokens), dtype=mx.int32)
-    draft = drafter.propose(DraftContext(hidden[-1], root, position, tokens), width, length)
+    draft = drafter.propose(DraftContext(hidden, root, position, tokens), width, length)
     mx.eval(root, draft.beams)
-    beams = np.array(draft.beams)
     yield int(root.item()), False
     tokens.append(int(root.item()))
     while True:
-        # pack -> verify -> accept, all lazy
         tic = time.perf_counter()
-        tree = pack(beams)
-        tree_tokens = mx.array(tree.tokens)
-        num_cached = len(tokens) - 1
-        result, tree_hidden = _verify(target, tree_tokens, tree, cache, params)
+        num_cached = len(tokens) - 1  # the root is not in the cache yet
+        tree = pack(np.array(draft.beams))
+        logits, tree_hidden = target.tree_forward(tree, cache)
+        tic = stats.lap("verify", tic, logits)
+        result = accept(tree, logits, params, rule, draft)
+        tic = stats.lap("accept", tic, result.num_accepted, result.next_root)
         gather_path(cache, result.path, num_cached)
-        # draft the next step from the lazy acceptance (no sync yet)
+        tic = stats.lap("compact", tic, *[c.state for c in cache])
+        # the next draft starts from the lazy acceptance: no host sync in between
         position = num_cached + 1 + result.num_accepted
         context = DraftContext(tree_hidden[result.last_node], result.next_root, position, tokens)
-        next_draft: Draft = drafter.propose(context, width, length)
+        draft = drafter.propose(context, width, length)
+        tic = stats.lap("draft", tic, draft.beams)
         # the step's single host synchronisation
-        mx.eval(result.num_accepted, result.drafted, result.next_root, next_draft.beams)
+        mx.eval(result.num_accepted, result.drafted, result.next_root, draft.beams)
         num = int(result.num_accepted.item())
         set_length(cache, num_cached + num + 1)
+        new = result.drafted.tolist()[:num] + [int(result.next_root.item())]
+        stats.lap("sync", tic)
         stats.steps += 1
         stats.accepted.append(num)
-        stats.verify_time += time.perf_counter() - tic
-        new = result.drafted.tolist()[:num] + [int(result.next_root.item())]
+        stats.tree_sizes.append(tree.size)
         drafter.accepted(new)
+        tokens.extend(new)
         for i, token in enumerate(new):
             yield token, i < num
-        tokens.extend(new)
-        beams = np.array(next_draft.beams)
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt: str | list[int] | mx.array) -> mx.array:
@@ -231,6 +268,7 @@ def stream_generate(
     min_p: float = 0.0,
     top_k: int = 0,
     logits_processors: list | None = None,
+    acceptance: str = "exact",
     stats: StepStats | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a response token by token, as ``mlx_lm.stream_generate`` does.
@@ -251,6 +289,7 @@ def stream_generate(
         sampler: Sampling parameters; overrides ``temp``/``top_p``/``min_p``/``top_k``.
         temp, top_p, min_p, top_k: Sampling settings (``temp == 0``: greedy).
         logits_processors: mlx-lm logits processors (AR only).
+        acceptance: ``"exact"`` (default) or ``"redrafter"`` (approximate; for comparison).
         stats: Optional :class:`StepStats` to fill (speculative decoding).
     """
     if max_tokens == 0:
@@ -270,18 +309,31 @@ def stream_generate(
     _check_context(model, prompt_arr.size)
     stats = stats if stats is not None else StepStats()
     if drafter is None:
-        tokens = ((token, False, logprobs) for token, logprobs in ar_tokens(model, prompt_arr, params, -1))
+        tokens = (
+            (token, False, logprobs) for token, logprobs in ar_tokens(model, prompt_arr, params, -1)
+        )
     else:
         if beam_width < 1 or beam_length < 2:
             raise ValueError("beam_width must be >= 1 and beam_length >= 2")
+        if acceptance not in ("exact", "redrafter"):
+            raise ValueError(f"unknown acceptance rule {acceptance!r} (exact or redrafter)")
         target = Target(model)
         tokens = (
             (token, from_draft, None)
             for token, from_draft in speculative_tokens(
-                target, drafter, prompt_arr.tolist(), params, beam_width, beam_length, stats
+                target,
+                drafter,
+                prompt_arr.tolist(),
+                params,
+                beam_width,
+                beam_length,
+                stats,
+                acceptance,
             )
         )
-    yield from _responses(tokenizer, prompt_arr.size, tokens, max_tokens, stats, beam_length, drafter)
+    yield from _responses(
+        tokenizer, prompt_arr.size, tokens, max_tokens, stats, beam_length, drafter
+    )
 
 
 def _check_context(model: nn.Module, num_prompt: int) -> None:
@@ -396,8 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_redrafter.generate",
         description="Generate text with lossless speculative decoding (ReDrafter).",
     )
-    p.add_argument("--model", default=None, help="mlx-lm model dir, .gguf file or hub repo (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt", default="What is the capital of France?", help="prompt text, or - for stdin")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="mlx-lm model dir, .gguf file or hub repo (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--prompt", default="What is the capital of France?", help="prompt text, or - for stdin"
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=0.0)
@@ -406,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    p.add_argument("--drafter", default="default", help="draft head dir, 'default' (shipped head for the default model) or 'none' (AR)")
+    p.add_argument(
+        "--drafter",
+        default="default",
+        help="draft head dir, 'default' (shipped head for the default model) or 'none' (AR)",
+    )
     p.add_argument("--beam-width", type=int, default=None)
     p.add_argument("--beam-length", type=int, default=None)
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")

@@ -36,8 +36,10 @@ def cast_model(model: nn.Module, dtype: str | None) -> nn.Module:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[0] or (
-        name.count("/") != 1
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.strip("/").split("/", 1)[0]
+        or (name.count("/") != 1)
     )
 
 

@@ -3,8 +3,9 @@
 import sys
 from pathlib import Path
 
-import mlx_redrafter  # noqa: F401  (must precede mlx.core)
 import pytest
+
+import mlx_redrafter  # noqa: F401  (must precede mlx.core)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

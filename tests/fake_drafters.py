@@ -39,7 +39,11 @@ class OracleDrafter:
             truth = mx.where(mx.arange(length) >= cut, noise, truth)
         beams = [truth]
         for w in range(1, width):
-            kw1, kw2 = mx.random.split(mx.random.fold_in(k2, w)) if hasattr(mx.random, "fold_in") else mx.random.split(k2)
+            kw1, kw2 = (
+                mx.random.split(mx.random.fold_in(k2, w))
+                if hasattr(mx.random, "fold_in")
+                else mx.random.split(k2)
+            )
             share = mx.random.randint(1, length, key=kw1)
             noise = mx.random.randint(0, self.vocab_size, (length,), key=kw2)
             beams.append(mx.where(mx.arange(length) < share, truth, noise))

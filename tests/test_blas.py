@@ -36,8 +36,10 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 @linux_only
 def test_env_var_turns_it_off():
-    out = _run("import mlx_redrafter as m; print(m.BLAS.provider, '|', m.BLAS.reason)",
-               MLX_REDRAFTER_NO_OPENBLAS="1")
+    out = _run(
+        "import mlx_redrafter as m; print(m.BLAS.provider, '|', m.BLAS.reason)",
+        MLX_REDRAFTER_NO_OPENBLAS="1",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("None |") and "disabled" in out.stdout
 

@@ -202,9 +202,7 @@ def test_low_temperature_exact_equals_greedy():
     """As T -> 0 the exact rule becomes argmax matching (the greedy rule)."""
     rng = np.random.default_rng(0)
     for _ in range(20):
-        beams = np.concatenate(
-            [np.full((3, 1), 7), rng.integers(0, 4, size=(3, 3))], axis=1
-        )
+        beams = np.concatenate([np.full((3, 1), 7), rng.integers(0, 4, size=(3, 3))], axis=1)
         tree = pack(beams)
         logits = mx.array(rng.standard_normal((tree.size, 6)).astype(np.float32) * 3)
         logits = mx.concatenate([logits, mx.full((tree.size, VOCAB - 6), -1e9)], axis=1)
@@ -243,8 +241,16 @@ def _engine_tokens(setup: Setup, seed: int, params: SamplingParams, n: int) -> l
     mx.random.seed(seed)
     return [
         r.token
-        for r in stream_generate(setup.model, tok, PROMPT, max_tokens=n, sampler=params,
-                                 drafter=setup.drafter, beam_width=2, beam_length=3)
+        for r in stream_generate(
+            setup.model,
+            tok,
+            PROMPT,
+            max_tokens=n,
+            sampler=params,
+            drafter=setup.drafter,
+            beam_width=2,
+            beam_length=3,
+        )
     ]
 
 
@@ -268,4 +274,3 @@ def test_engine_first_tokens_follow_the_target(setup):
     joint /= joint.sum()
     p_value, _, _ = goodness_of_fit(draws, joint)
     assert p_value > 1e-3
-

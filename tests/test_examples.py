@@ -12,13 +12,26 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 def test_generate_text_example(tiny_model_dir):
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "generate_text.py"), "--model", str(tiny_model_dir),
-         "--drafter", "none", "--max-tokens", "12", "--prompt", "the cat"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(EXAMPLES / "generate_text.py"),
+            "--model",
+            str(tiny_model_dir),
+            "--drafter",
+            "none",
+            "--max-tokens",
+            "12",
+            "--prompt",
+            "the cat",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     model, tok = mlx_lm.load(str(tiny_model_dir))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True
+    )
     want = mlx_lm.generate(model, tok, prompt, max_tokens=12)
     assert out.stdout.rstrip("\n") == want.rstrip("\n")
 

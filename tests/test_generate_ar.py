@@ -69,8 +69,17 @@ def _cli(*args, stdin=None):
 
 
 def test_cli_prints_text_then_stats(tiny_model_dir):
-    out = _cli("--model", str(tiny_model_dir), "--prompt", "-", "--max-tokens", "10",
-               "--drafter", "none", stdin="the cat")
+    out = _cli(
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "-",
+        "--max-tokens",
+        "10",
+        "--drafter",
+        "none",
+        stdin="the cat",
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-3].startswith("Prompt: ") and "tokens-per-sec" in lines[-3]

@@ -25,7 +25,9 @@ NUM_TOKENS = 200
 
 def _prompts(seed: int, vocab: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(NUM_PROMPTS)]
+    return [
+        rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(NUM_PROMPTS)
+    ]
 
 
 def _tokens(model, tok, prompt, max_tokens, **kw) -> list[int]:
@@ -49,19 +51,36 @@ def test_greedy_speculative_equals_ar(arch, tokenizer):
         oracle = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3)
         width, length = [(1, 4), (2, 5), (4, 3), (3, 6)][i % 4]
         stats = gen.StepStats()
-        spec = _tokens(model, tokenizer, prompt, NUM_TOKENS, drafter=oracle,
-                       beam_width=width, beam_length=length, stats=stats)
+        spec = _tokens(
+            model,
+            tokenizer,
+            prompt,
+            NUM_TOKENS,
+            drafter=oracle,
+            beam_width=width,
+            beam_length=length,
+            stats=stats,
+        )
         assert spec == ar, f"{arch} prompt {i}: first mismatch at {_first_diff(spec, ar)}"
         total_accepted += sum(stats.accepted)
-        rand = _tokens(model, tokenizer, prompt, 60, drafter=RandomDrafter(vocab, seed=i),
-                       beam_width=3, beam_length=4)
+        rand = _tokens(
+            model,
+            tokenizer,
+            prompt,
+            60,
+            drafter=RandomDrafter(vocab, seed=i),
+            beam_width=3,
+            beam_length=4,
+        )
         assert rand == ar[:60]
     # the oracle must really produce long accepted blocks, or this test proves little
     assert total_accepted > NUM_PROMPTS * NUM_TOKENS // 3
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -78,9 +97,16 @@ def test_eos_and_max_tokens_inside_accepted_blocks(arch, tokenizer):
         for max_tokens in (7, 33, 80):
             ar = _tokens(model, tokenizer, prompt, max_tokens)
             stats = gen.StepStats()
-            spec = _tokens(model, tokenizer, prompt, max_tokens, stats=stats,
-                           drafter=OracleDrafter(prompt + ar_full, vocab, seed=i),
-                           beam_width=2, beam_length=6)
+            spec = _tokens(
+                model,
+                tokenizer,
+                prompt,
+                max_tokens,
+                stats=stats,
+                drafter=OracleDrafter(prompt + ar_full, vocab, seed=i),
+                beam_width=2,
+                beam_length=6,
+            )
             assert spec == ar
             hits_inside += max(stats.accepted, default=0) >= 2
     tokenizer.eos_token_ids = {10**6}
@@ -115,7 +141,7 @@ def test_the_check_has_teeth(broken, tokenizer, monkeypatch):
     expected = [_tokens(model, tokenizer, p, 60) for p in prompts]
     monkeypatch.setattr(target_module._TreeLayout, "build", classmethod(broken))
     mismatches = 0
-    for i, (prompt, ar) in enumerate(zip(prompts, expected)):
+    for i, (prompt, ar) in enumerate(zip(prompts, expected, strict=True)):
         drafter = OracleDrafter(prompt + ar, vocab, seed=i)
         spec = _tokens(model, tokenizer, prompt, 60, drafter=drafter, beam_width=4, beam_length=4)
         mismatches += spec != ar

@@ -1,0 +1,169 @@
+"""Beam-shape tuning for this device (``python -m mlx_redrafter.bench --tune``).
+
+The speed of a beam shape ``(W, L)`` is ``tokens_per_step / (t_verify(N) + t_draft(W, L))``
+tokens per unit time, with ``N`` the packed tree size. This module measures ``t_verify(N)``
+(a tree forward over ``N`` tokens after a realistic context) and ``t_draft(W, L)`` (one beam
+search), measures tokens per step and ``N`` for every candidate shape on a few prompts,
+predicts the best shape, confirms the top candidates by timing them against AR, and saves
+the winner as this device's profile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_redrafter.cache import set_length
+from mlx_redrafter.drafters.base import DraftContext
+from mlx_redrafter.generate import StepStats, stream_generate
+from mlx_redrafter.profile import save_profile
+from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.target import Target
+from mlx_redrafter.tree import pack
+
+
+def verify_costs(
+    target: Target, sizes: list[int], context: int = 256, repeats: int = 5
+) -> dict[int, float]:
+    """Median seconds of a tree forward over ``N`` tokens (a chain) after ``context`` tokens."""
+    cache = target.make_cache()
+    prefix = mx.random.randint(0, target.vocab_size, (context,), key=mx.random.key(0))
+    target.forward(prefix, cache)
+    mx.eval([c.state for c in cache])
+    costs = {}
+    for n in sizes:
+        tree = pack(np.arange(1, n + 1, dtype=np.int32)[None, :] % target.vocab_size)
+        times = []
+        for _ in range(repeats + 1):
+            tic = time.perf_counter()
+            logits, hidden = target.tree_forward(tree, cache)
+            mx.eval(logits, hidden)
+            times.append(time.perf_counter() - tic)
+            set_length(cache, context)
+        costs[n] = statistics.median(times[1:])
+    return costs
+
+
+def draft_cost(drafter, target: Target, width: int, length: int, repeats: int = 5) -> float:
+    """Median seconds of one proposal of shape ``(W, L)``."""
+    hidden = mx.random.normal((target.hidden_size,), key=mx.random.key(1))
+    context = DraftContext(hidden, mx.array(1, dtype=mx.int32), mx.array(0), [])
+    times = []
+    for _ in range(repeats + 1):
+        tic = time.perf_counter()
+        mx.eval(drafter.propose(context, width, length).beams)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times[1:])
+
+
+def acceptance_stats(model, tokenizer, drafter, prompts, params, width, length, max_tokens):
+    """``(tokens per step, mean tree size)`` of shape ``(W, L)`` on ``prompts``."""
+    stats = StepStats()
+    produced = 0
+    for prompt in prompts:
+        before = stats.steps
+        n = sum(
+            1
+            for _ in stream_generate(
+                model,
+                tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                drafter=drafter,
+                beam_width=width,
+                beam_length=length,
+                sampler=params,
+                stats=stats,
+            )
+        )
+        produced += n - 1 if stats.steps > before else 0
+    return produced / max(stats.steps, 1), float(np.mean(stats.tree_sizes or [1]))
+
+
+def measured_speedup(
+    model, tokenizer, drafter, prompts, params, width, length, max_tokens
+) -> float:
+    """Median over prompts of (our speculative tok/s) / (our AR tok/s), interleaved."""
+    ratios = []
+    for prompt in prompts:
+        ar = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=params))[
+            -1
+        ]
+        spec = list(
+            stream_generate(
+                model,
+                tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                drafter=drafter,
+                beam_width=width,
+                beam_length=length,
+                sampler=params,
+            )
+        )[-1]
+        ratios.append(spec.generation_tps / ar.generation_tps)
+    return statistics.median(ratios)
+
+
+def tune(
+    model,
+    tokenizer,
+    drafter,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    widths: list[int],
+    lengths: list[int],
+    max_tokens: int,
+    confirm: int = 2,
+) -> dict:
+    """Measure, predict, confirm, save; returns the report."""
+    if drafter is None:
+        raise ValueError("--tune needs a drafter")
+    target = Target(model)
+    sample = prompts[: max(3, min(8, len(prompts)))]
+    shapes = [(w, n) for w in widths for n in lengths]
+    costs = verify_costs(target, sorted({1, *range(2, max(widths) * max(lengths) + 1)}))
+    t_ar = costs[1]
+    candidates = []
+    for width, length in shapes:
+        per_step, size = acceptance_stats(
+            model, tokenizer, drafter, sample, params, width, length, max_tokens
+        )
+        t_draft = draft_cost(drafter, target, width, length)
+        n = int(round(size))
+        predicted = per_step / ((costs.get(n, costs[max(costs)]) + t_draft) / t_ar)
+        candidates.append(
+            {
+                "beam_width": width,
+                "beam_length": length,
+                "tokens_per_step": per_step,
+                "tree_size": size,
+                "draft_cost": t_draft / t_ar,
+                "predicted_speedup": predicted,
+            }
+        )
+    candidates.sort(key=lambda c: -c["predicted_speedup"])
+    for cand in candidates[:confirm]:
+        cand["measured_speedup"] = measured_speedup(
+            model,
+            tokenizer,
+            drafter,
+            sample,
+            params,
+            cand["beam_width"],
+            cand["beam_length"],
+            max_tokens,
+        )
+    best = max(candidates[:confirm], key=lambda c: c["measured_speedup"])
+    report = {
+        "verify_cost_vs_ar": {str(n): c / t_ar for n, c in costs.items()},
+        "t_ar_ms": 1000 * t_ar,
+        "candidates": candidates,
+        "best": {"beam_width": best["beam_width"], "beam_length": best["beam_length"]},
+    }
+    path = save_profile(best["beam_width"], best["beam_length"], **report)
+    report["profile"] = str(path)
+    return report
