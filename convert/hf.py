@@ -23,6 +23,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+#: Exit code for bad input (as :mod:`convert.cli` uses).
+EXIT_ERROR = 2
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 
 
@@ -91,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "hf",
         help="convert a Hugging Face model to MLX (via mlx_lm.convert)",
-        description=__doc__.splitlines()[0],
+        description="Convert a Hugging Face model (Hub repo or local directory) to MLX with mlx_lm.convert.",
     )
     parser.add_argument("repo_or_dir", help="Hub repo id or local model directory")
     parser.add_argument("out_dir", help="output directory (must not exist)")
@@ -108,7 +110,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``hf`` sub-command; one ``error:`` line on stderr and 1 on failure."""
+    """Run the ``hf`` sub-command; one ``error:`` line on stderr and 2 on failure
+    (the exit code of :mod:`convert.cli` for bad input)."""
     try:
         out = convert_hf(
             args.repo_or_dir,
@@ -120,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except HUB_ERRORS as e:
         print(f"error: {hub_error_message(args.repo_or_dir, e)}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(f"wrote MLX model to {out}")
     return 0
 

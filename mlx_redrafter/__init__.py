@@ -28,7 +28,7 @@ _LAZY = {
     "GenerationResponse": "mlx_redrafter.generate",
     "StepStats": "mlx_redrafter.generate",
     "SamplingParams": "mlx_redrafter.sampling",
-    "load_drafter": "mlx_redrafter.drafters.redrafter",
+    "load_drafter": "mlx_redrafter.drafters",
     "ReDrafter": "mlx_redrafter.drafters.redrafter",
     "DEFAULT_HEAD": "mlx_redrafter.cli",
 }

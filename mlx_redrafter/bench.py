@@ -139,6 +139,9 @@ class Ours(Method):
             self.depth = length - 1
 
     def generate(self, prompt, max_tokens, stats):
+        if hasattr(self.drafter, "keep_logprobs"):
+            # only the ReDrafter rule needs the head's log-probs; don't pay for them otherwise
+            self.drafter.keep_logprobs = self.acceptance == "redrafter" and not self.params.greedy
         return stream_generate(
             self.model,
             self.tokenizer,
@@ -364,13 +367,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, tokenizer = load(args.model, dtype=args.dtype)
-        drafter = resolve_drafter(args.drafter, args.model, model)
+        drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
         items: list[Prompt] = load_prompts(args.prompts, args.num_prompts)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if drafter is not None and hasattr(drafter, "keep_logprobs") and args.acceptance != "exact":
-        drafter.keep_logprobs = True
     prompts = [chat_tokens(tokenizer, item.text) for item in items]
     categories = [item.category for item in items]
     params = SamplingParams(temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)

@@ -30,7 +30,7 @@ def format_prompt(tokenizer, prompt: str, ignore_chat_template: bool) -> list[in
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def resolve_drafter(spec: str, model_arg: str | None, model):
+def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "exact"):
     """Load the drafter named by ``--drafter`` (``none``, ``default`` or a directory)."""
     if spec == "none":
         return None
@@ -44,12 +44,12 @@ def resolve_drafter(spec: str, model_arg: str | None, model):
                 )
             return None
         spec = str(DEFAULT_HEAD)
-    from mlx_redrafter.drafters.redrafter import load_drafter
+    from mlx_redrafter.drafters import load_drafter
 
     path = Path(spec).expanduser()
     if not path.exists():
         raise CLIError(f"drafter not found: {path}")
-    return load_drafter(path, model=model)
+    return load_drafter(path, model, keep_logprobs=acceptance != "exact")
 
 
 def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
@@ -69,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             mx.random.seed(args.seed)
         model, tokenizer = load(args.model, dtype=args.dtype)
-        drafter = resolve_drafter(args.drafter, args.model, model)
+        drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
         width, length = beam_shape(args)
         prompt = format_prompt(tokenizer, read_prompt(args.prompt), args.ignore_chat_template)
         response = None
@@ -85,6 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             min_p=args.min_p,
+            acceptance=args.acceptance,
         ):
             print(response.text, end="", flush=True)
         print()
