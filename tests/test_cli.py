@@ -1,0 +1,63 @@
+"""The generate CLI with a draft head: same text as AR, the extra stats lines, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from tiny_models import tiny_config
+
+from mlx_redrafter.drafters.redrafter import ReDrafterConfig, ReDrafterHead, save_drafter
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.generate", *args], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory, tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    mx.random.seed(0)
+    head = ReDrafterHead(ReDrafterConfig(cfg["vocab_size"], cfg["hidden_size"], 96, 1))
+    return save_drafter(head, tmp_path_factory.mktemp("head"))
+
+
+def _text_and_stats(stdout: str) -> tuple[str, list[str]]:
+    lines = stdout.rstrip("\n").split("\n")
+    first_stat = next(i for i, line in enumerate(lines) if line.startswith("Prompt: "))
+    return "\n".join(lines[:first_stat]), lines[first_stat:]
+
+
+def test_speculative_cli_matches_ar_and_reports_steps(tiny_model_dir, head_dir):
+    common = ["--model", str(tiny_model_dir), "--prompt", "the cat", "--max-tokens", "24"]
+    ar = _cli(*common, "--drafter", "none")
+    spec = _cli(*common, "--drafter", str(head_dir), "--beam-width", "3", "--beam-length", "4")
+    assert ar.returncode == 0 and spec.returncode == 0, spec.stderr
+    ar_text, ar_stats = _text_and_stats(ar.stdout)
+    spec_text, spec_stats = _text_and_stats(spec.stdout)
+    assert spec_text == ar_text
+    assert len(ar_stats) == 3 and len(spec_stats) == 5
+    assert spec_stats[1].startswith("Generation: 24 tokens, ")
+    per_step = float(spec_stats[3].removeprefix("Tokens per step: "))
+    assert per_step >= 1.0
+    depths = spec_stats[4].removeprefix("Acceptance by depth: ").split()
+    assert len(depths) == 3 and all(0.0 <= float(a) <= 1.0 for a in depths)
+
+
+def test_mismatched_drafter_is_one_clear_line(tmp_path, tiny_model_dir):
+    vocab = tiny_config("llama")["vocab_size"]
+    head = ReDrafterHead(ReDrafterConfig(vocab + 7, 64, 96, 1))
+    save_drafter(head, tmp_path / "bad")
+    out = _cli("--model", str(tiny_model_dir), "--drafter", str(tmp_path / "bad"))
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "vocab" in err[0]
+
+
+def test_missing_drafter_is_one_clear_line(tmp_path, tiny_model_dir):
+    out = _cli("--model", str(tiny_model_dir), "--drafter", str(tmp_path / "none-here"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: drafter not found: {tmp_path / 'none-here'}"
