@@ -15,6 +15,7 @@ import never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -173,15 +174,14 @@ def cached_gguf() -> Path:
     return kept
 
 
-def import_default_model(dtype: str, gguf_path: Path) -> Path:
-    """Import ``gguf_path`` into :func:`model_dir` ``(dtype)`` atomically.
+def import_gguf(gguf_path: Path, final: Path, dtype: str) -> Path:
+    """Import ``gguf_path`` into the directory ``final`` atomically (temp dir + rename).
 
     Raises:
         DefaultModelError: the GGUF could not be imported.
     """
     from convert.gguf import ConversionError, convert_gguf
 
-    final = model_dir(dtype)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published model is an ordinary directory
@@ -195,6 +195,26 @@ def import_default_model(dtype: str, gguf_path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _publish(tmp, final)
+
+
+def import_default_model(dtype: str, gguf_path: Path) -> Path:
+    """Import ``gguf_path`` into :func:`model_dir` ``(dtype)`` atomically."""
+    return import_gguf(gguf_path, model_dir(dtype), dtype)
+
+
+def imported_gguf_path(gguf_path: Path, dtype: str) -> Path:
+    """An mlx-lm directory for any ``.gguf`` file, imported once into the cache.
+
+    The cache key is the file's name, size and modification time, so an edited file is
+    imported again.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    final = cache_home() / "models" / f"{gguf_path.stem}-{key[:10]}-{dtype}"
+    if is_complete(final):
+        return final
+    return import_gguf(gguf_path, final, dtype)
 
 
 def default_model_path(dtype: str | None = None) -> Path:

@@ -87,7 +87,12 @@ def load(
     """
     import mlx_lm
 
-    where = resolve_model_path(path_or_repo, dtype)
+    from mlx_redrafter.default_model import DefaultModelError
+
+    try:
+        where = resolve_model_path(path_or_repo, dtype)
+    except DefaultModelError as e:
+        raise ModelLoadError(str(e)) from None
     try:
         model, tokenizer = mlx_lm.load(str(where))
     except FileNotFoundError as e:

@@ -1,8 +1,8 @@
 """Greedy speculative decoding equals AR decoding token for token (fp32).
 
 Across 3 architectures x 20 prompts x 200 tokens, with an oracle drafter (long accepted
-blocks, real branching) and random drafts, including EOS and max_tokens landing inside an
-accepted block. The last tests show the check has teeth: a single wrong tree-mask entry,
+blocks, real branching), an untrained (random) ReDrafter head and random beams, including
+EOS and max_tokens landing inside an accepted block. The last tests show the check has teeth: a single wrong tree-mask entry,
 or tree positions off by one, break it.
 """
 
@@ -16,6 +16,12 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import byte_tokenizer, tiny_model
 
 from mlx_redrafter import generate as gen
+from mlx_redrafter.drafters.redrafter import (
+    ReDrafter,
+    ReDrafterConfig,
+    ReDrafterHead,
+    find_input_embedding,
+)
 from mlx_redrafter import target as target_module
 
 ARCHS = ["llama", "qwen3", "gemma3_text"]
@@ -63,18 +69,32 @@ def test_greedy_speculative_equals_ar(arch, tokenizer):
         )
         assert spec == ar, f"{arch} prompt {i}: first mismatch at {_first_diff(spec, ar)}"
         total_accepted += sum(stats.accepted)
+        head = random_head(model, seed=i)
         rand = _tokens(
+            model, tokenizer, prompt, NUM_TOKENS, drafter=head, beam_width=3, beam_length=4
+        )
+        assert rand == ar
+        beams = _tokens(
             model,
             tokenizer,
             prompt,
             60,
             drafter=RandomDrafter(vocab, seed=i),
-            beam_width=3,
-            beam_length=4,
+            beam_width=4,
+            beam_length=3,
         )
-        assert rand == ar[:60]
+        assert beams == ar[:60]
     # the oracle must really produce long accepted blocks, or this test proves little
     assert total_accepted > NUM_PROMPTS * NUM_TOKENS // 3
+
+
+def random_head(model, seed: int) -> ReDrafter:
+    """An untrained ReDrafter head (random weights) for ``model``."""
+    mx.random.seed(seed)
+    config = ReDrafterConfig(
+        model.args.vocab_size, model.args.hidden_size, 96, 2, rnn=seed % 2 == 0
+    )
+    return ReDrafter(ReDrafterHead(config), find_input_embedding(model))
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:
