@@ -16,13 +16,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import byte_tokenizer, tiny_model
 
 from mlx_redrafter import generate as gen
+from mlx_redrafter import target as target_module
 from mlx_redrafter.drafters.redrafter import (
     ReDrafter,
     ReDrafterConfig,
     ReDrafterHead,
     find_input_embedding,
 )
-from mlx_redrafter import target as target_module
 
 ARCHS = ["llama", "qwen3", "gemma3_text"]
 NUM_PROMPTS = 20
