@@ -2,41 +2,40 @@
 
 Importing this package first routes MLX's CPU BLAS to OpenBLAS on Linux (see
 :mod:`mlx_redrafter._blas`); import it before ``mlx.core`` for fast CPU matmuls.
-
-Public API (imported lazily, so ``import mlx_redrafter`` stays cheap)::
-
-    load, generate, stream_generate, GenerationResponse, StepStats, SamplingParams,
-    load_drafter, ReDrafter, DEFAULT_HEAD
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from mlx_redrafter._blas import ensure_openblas
 
 BLAS = ensure_openblas()
 
+# isort: split
+from mlx_redrafter.cli import DEFAULT_HEAD  # noqa: E402
+from mlx_redrafter.drafters import Draft, DraftContext, Drafter, ReDrafter, load_drafter  # noqa: E402
+from mlx_redrafter.generate import (  # noqa: E402
+    GenerationResponse,
+    StepStats,
+    generate,
+    stream_generate,
+)
+from mlx_redrafter.models import ModelLoadError, load  # noqa: E402
+from mlx_redrafter.sampling import SamplingParams  # noqa: E402
+
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load": "mlx_redrafter.models",
-    "ModelLoadError": "mlx_redrafter.models",
-    "generate": "mlx_redrafter.generate",
-    "stream_generate": "mlx_redrafter.generate",
-    "GenerationResponse": "mlx_redrafter.generate",
-    "StepStats": "mlx_redrafter.generate",
-    "SamplingParams": "mlx_redrafter.sampling",
-    "load_drafter": "mlx_redrafter.drafters",
-    "ReDrafter": "mlx_redrafter.drafters.redrafter",
-    "DEFAULT_HEAD": "mlx_redrafter.cli",
-}
-
-__all__ = ["BLAS", "__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mlx_redrafter' has no attribute {name!r}")
+__all__ = [
+    "BLAS",
+    "DEFAULT_HEAD",
+    "Draft",
+    "DraftContext",
+    "Drafter",
+    "GenerationResponse",
+    "ModelLoadError",
+    "ReDrafter",
+    "SamplingParams",
+    "StepStats",
+    "__version__",
+    "generate",
+    "load",
+    "load_drafter",
+    "stream_generate",
+]

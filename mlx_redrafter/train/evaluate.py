@@ -1,0 +1,236 @@
+"""Held-out metrics of a draft head: per-depth top-k accuracy and simulated tokens per step.
+
+All metrics are teacher-forced over held-out distilled sequences (see
+:mod:`mlx_redrafter.train.objective` for the alignment) and scored in target-id space, so a
+target outside a reduced draft vocabulary always counts as a miss.
+
+* ``topk[k-1, m-1]``: share of the in-loss depth-``k`` targets ``x_{t+1+k}`` that are among
+  the head's ``m`` most likely tokens at depth ``k``.
+* ``tokens_per_step[W]``: the mean over the positions the engine can meet (``t >= r - 1``)
+  of ``1 +`` the accepted drafts there. For ``W = 1`` (greedy chain) that is the number of
+  leading depths whose top-1 token is right: while every earlier draft is right, the
+  teacher-forced state equals the state the engine feeds back, so this is the exact
+  accepted length of a greedy target over these sequences (the chain also stops at the
+  end of the sequence). For ``W > 1`` the drafts come from the engine's own beam search
+  (:func:`~mlx_redrafter.drafters.beam_search.beam_search`, vectorised over positions) and
+  the longest right run over all beams counts.
+* ``decode_tokens_per_step[W]``: tokens per target call of greedy decoding along each
+  held-out response: start at ``t = r - 1``, emit ``1 + a_t`` tokens, jump to
+  ``t + 1 + a_t``. This is what the engine reports for a target that reproduces the
+  distilled responses (positions after a long accepted run are skipped, so it differs from
+  the per-position mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_redrafter.drafters.beam_search import Embedder, beam_search
+from mlx_redrafter.drafters.redrafter import ReDrafterHead
+from mlx_redrafter.train.objective import (
+    PAD,
+    PositionTable,
+    depth_logits,
+    draft_labels,
+    masked_cross_entropy,
+)
+
+#: Largest ``m`` of the reported top-``m`` accuracies.
+TOP_M = 5
+
+
+@dataclass
+class EvalResult:
+    """Held-out metrics (see the module docstring).
+
+    Attributes:
+        topk: ``(L-1, TOP_M)`` accuracy at depth ``k`` (row) within the top ``m`` (column).
+        counts: ``(L-1,)`` in-loss targets per depth.
+        tokens_per_step: Simulated tokens per step, ``W = 1``.
+        loss: Mean over positions of the summed per-depth cross-entropy (training loss).
+        positions: Positions averaged by ``tokens_per_step``.
+        beam_tokens_per_step: Simulated tokens per step by beam width ``W > 1``.
+    """
+
+    topk: np.ndarray
+    counts: np.ndarray
+    loss: float
+    positions: int
+    tokens_per_step: dict[int, float] = field(default_factory=dict)
+    decode_tokens_per_step: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form."""
+        return {
+            "loss": self.loss,
+            "tokens_per_step": {str(w): v for w, v in self.tokens_per_step.items()},
+            "decode_tokens_per_step": {str(w): v for w, v in self.decode_tokens_per_step.items()},
+            "top1_by_depth": [float(a) for a in self.topk[:, 0]],
+            f"top{TOP_M}_by_depth": [float(a) for a in self.topk[:, -1]],
+            "topk_by_depth": self.topk.tolist(),
+            "targets_by_depth": [int(c) for c in self.counts],
+            "positions": self.positions,
+        }
+
+    def summary(self) -> str:
+        """One line: loss, top-1 by depth, tokens per step."""
+        top1 = " ".join(f"{a:.3f}" for a in self.topk[:, 0])
+        per_position = " ".join(f"W={w}:{v:.3f}" for w, v in self.tokens_per_step.items())
+        decode = " ".join(f"W={w}:{v:.3f}" for w, v in self.decode_tokens_per_step.items())
+        return (
+            f"loss {self.loss:.4f} | top-1 by depth {top1} | tokens/step per position "
+            f"{per_position} | decoding {decode}"
+        )
+
+
+def leading_run(correct: np.ndarray) -> np.ndarray:
+    """``(n,)`` number of leading ``True`` entries of each row of ``correct`` ``(n, D)``."""
+    return np.cumprod(correct, axis=1).sum(axis=1)
+
+
+def decode_walks(table: PositionTable, accepted: np.ndarray) -> list[list[int]]:
+    """Accepted drafts at each target call of greedy decoding along every sequence.
+
+    Decoding starts at ``t = r - 1``; a call at ``t`` emits ``g0 = x_{t+1}`` and ``a_t``
+    drafts, and the next call is at ``t + 1 + a_t``, up to the call at ``t = T - 2`` (whose
+    ``g0`` is the last token; it accepts nothing).
+
+    Args:
+        table: Positions (each sequence's ``at_inference`` rows run from ``t = r - 1`` to
+            ``t = T - 3`` without gaps).
+        accepted: ``(N,)`` accepted drafts at each row (read at ``at_inference`` rows only).
+
+    Returns:
+        One list ``[a_t, ...]`` per sequence with ``at_inference`` rows, in sequence order.
+    """
+    rows = np.flatnonzero(table.at_inference)
+    walks = []
+    for seq in np.unique(table.sequence[rows]):
+        mine = rows[table.sequence[rows] == seq]
+        first, last = int(table.position[mine[0]]), int(table.position[mine[-1]])
+        walk, t = [], first
+        while t <= last + 1:
+            a = int(accepted[mine[t - first]]) if t <= last else 0
+            walk.append(a)
+            t += 1 + a
+        walks.append(walk)
+    return walks
+
+
+def decode_tokens_per_step(table: PositionTable, accepted: np.ndarray) -> float:
+    """Emitted tokens per target call over all :func:`decode_walks` (prefill included)."""
+    walks = decode_walks(table, accepted)
+    calls = sum(len(w) for w in walks)
+    return (sum(len(w) + sum(w) for w in walks) / calls) if calls else float("nan")
+
+
+def _embed(embedding: Embedder, ids: np.ndarray) -> mx.array:
+    """Embeddings ``(..., d)`` of ``ids`` (``PAD`` read as id 0)."""
+    return embedding(mx.array(np.where(ids == PAD, 0, ids).astype(np.int32)))
+
+
+def _top_ids(logits: mx.array, head: ReDrafterHead, m: int) -> np.ndarray:
+    """``(n, L-1, m)`` target ids of the ``m`` largest logits ``(n, L-1, K)``, best first."""
+    m = min(m, logits.shape[-1])
+    candidates = mx.argpartition(-logits, kth=m - 1, axis=-1)[..., :m]
+    order = mx.argsort(-mx.take_along_axis(logits, candidates, axis=-1), axis=-1)
+    ranked = mx.take_along_axis(candidates, order, axis=-1)
+    return np.array(head.to_target_ids(ranked))
+
+
+def beam_accepted(
+    head: ReDrafterHead,
+    embedding: Embedder,
+    hidden: mx.array,
+    windows: np.ndarray,
+    in_loss: np.ndarray,
+    width: int,
+) -> np.ndarray:
+    """``(n,)`` accepted drafts with ``width`` beams of length ``L`` at each position.
+
+    Args:
+        head, embedding: The head and the target's input embedding.
+        hidden: ``(n, d)`` hidden states.
+        windows: ``(n, L)`` windows (column 0 = ``g0``).
+        in_loss: ``(n, L-1)`` which depth targets exist.
+        width: ``W``.
+    """
+    length = windows.shape[1]
+    search = mx.vmap(partial(beam_search, head, embedding, width=width, length=length))
+    beams, _ = search(hidden, mx.array(windows[:, 0].astype(np.int32)))
+    drafts = np.array(beams)[:, :, 1:]
+    correct = (drafts == windows[:, None, 1:]) & in_loss[:, None, :]
+    return leading_run(correct.reshape(-1, length - 1)).reshape(-1, width).max(axis=1)
+
+
+def evaluate(
+    head: ReDrafterHead,
+    embedding: Embedder,
+    table: PositionTable,
+    features: np.ndarray,
+    target_to_draft: np.ndarray | None,
+    batch_size: int = 256,
+    beam_widths: tuple[int, ...] = (),
+) -> EvalResult:
+    """Held-out metrics of ``head`` over every row of ``table``.
+
+    Args:
+        head: The head.
+        embedding: The target's input embedding ``(...) -> (..., d)``.
+        table: Held-out positions.
+        features: ``(N, d)`` hidden states of the table's rows.
+        target_to_draft: Training labels ``(V,)`` (for the loss), ``None`` = full vocabulary.
+        batch_size: Positions per forward.
+        beam_widths: Beam widths ``W > 1`` to simulate as well.
+    """
+    depths = table.length - 1
+    hits = np.zeros((depths, TOP_M))
+    counts = np.zeros(depths, dtype=np.int64)
+    widths = [1, *sorted({w for w in beam_widths if w > 1})]
+    accepted = {w: np.zeros(table.size, dtype=np.int64) for w in widths}
+    loss_total, loss_positions = 0.0, 0
+    for lo in range(0, table.size, batch_size):
+        rows = np.arange(lo, min(lo + batch_size, table.size))
+        windows, in_loss = table.windows[rows], table.in_loss[rows]
+        hidden = mx.array(features[rows]).astype(mx.float32)
+        fed = _embed(embedding, windows[:, :-1]).astype(mx.float32)
+        logits = depth_logits(head, hidden, fed)
+        labels, mask = draft_labels(windows, in_loss, target_to_draft)
+        loss_total += masked_cross_entropy(logits, mx.array(labels), mx.array(mask)).sum().item()
+        loss_positions += int(in_loss.any(axis=1).sum())
+        ranked = _top_ids(logits, head, TOP_M)
+        found = ranked == windows[:, 1:, None]
+        within = np.cumsum(found, axis=-1) > 0
+        if within.shape[-1] < TOP_M:
+            pad = np.repeat(within[..., -1:], TOP_M - within.shape[-1], axis=-1)
+            within = np.concatenate([within, pad], axis=-1)
+        hits += (within & in_loss[..., None]).sum(axis=0)
+        counts += in_loss.sum(axis=0)
+        accepted[1][rows] = leading_run(found[..., 0] & in_loss)
+        chain = np.flatnonzero(table.at_inference[rows])
+        for width in widths[1:]:
+            if chain.size:
+                accepted[width][rows[chain]] = beam_accepted(
+                    head,
+                    embedding,
+                    hidden[mx.array(chain)],
+                    windows[chain],
+                    in_loss[chain],
+                    width,
+                )
+    chain_rows = table.at_inference
+    return EvalResult(
+        topk=hits / np.maximum(counts, 1)[:, None],
+        counts=counts,
+        loss=loss_total / max(1, loss_positions),
+        positions=int(chain_rows.sum()),
+        tokens_per_step={
+            w: float(1.0 + a[chain_rows].mean()) if chain_rows.any() else float("nan")
+            for w, a in accepted.items()
+        },
+        decode_tokens_per_step={w: decode_tokens_per_step(table, a) for w, a in accepted.items()},
+    )

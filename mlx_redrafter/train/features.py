@@ -1,0 +1,321 @@
+"""Teacher-forced hidden states of the frozen target, computed on demand or cached on disk.
+
+:class:`HiddenExtractor` runs the target over whole distilled sequences (prompt + response)
+and returns the final hidden state ``h_t`` ``(T, d)`` of every position. Sequences are
+processed in fixed *extraction groups* (:func:`extraction_groups`: sorted by length, right-
+padded to a multiple of :data:`PAD_MULTIPLE`, at most ``max_tokens`` padded tokens per
+forward). The groups do not depend on the epoch, so a sequence's features come out of the
+same forward whether they are cached or recomputed, and training is identical either way.
+
+Two sources serve the rows of a :class:`~mlx_redrafter.train.objective.PositionTable`:
+
+* :class:`FeatureCache`: one pass over all groups writes ``(N, d)`` features to
+  ``features.npy`` (a memory-mapped ``.npy``, fp16 by default) next to a ``meta.json``
+  fingerprint; later runs with the same model, data and settings reuse it.
+* :class:`StreamingFeatures`: features are computed group by group when a batch first
+  needs them and forgotten a few groups later (no disk, one target forward per epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from mlx_redrafter.target import Target
+from mlx_redrafter.train.batch_generate import split_model
+from mlx_redrafter.train.objective import PositionTable
+
+#: Extraction forwards pad sequences to a multiple of this length (fewer compiled shapes).
+PAD_MULTIPLE = 32
+#: Token id used to right-pad sequences (never attended to by real positions).
+PAD_ID = 0
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+META_FILE = "meta.json"
+DATA_FILE = "features.npy"
+
+
+class HiddenExtractor:
+    """Final hidden states of a frozen target over whole sequences.
+
+    Uses the model's backbone (without its LM head, see
+    :func:`~mlx_redrafter.train.batch_generate.split_model`) on right-padded batches when
+    the model splits; otherwise one :class:`~mlx_redrafter.target.Target` forward per
+    sequence.
+
+    Args:
+        model: The target mlx-lm model (frozen, not modified).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        parts = split_model(model)
+        self.backbone = parts.backbone if parts.head_split else None
+        self.target = None if parts.head_split else Target(model)
+
+    def __call__(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """Hidden states ``[(T_i, d) float32]`` of ``sequences`` ``[(T_i,) int]``, one forward."""
+        if self.target is not None:
+            return [self._single(s) for s in sequences]
+        lengths = [len(s) for s in sequences]
+        width = padded_length(max(lengths))
+        batch = np.full((len(sequences), width), PAD_ID, dtype=np.int32)
+        for row, tokens in enumerate(sequences):
+            batch[row, : len(tokens)] = tokens
+        hidden = self.backbone(mx.array(batch), None).astype(mx.float32)
+        host = np.array(hidden)
+        return [host[row, :n] for row, n in enumerate(lengths)]
+
+    def _single(self, tokens: np.ndarray) -> np.ndarray:
+        """``(T, d)`` hidden states of one sequence through :class:`Target`."""
+        _, hidden = self.target.forward(mx.array(tokens, dtype=mx.int32), self.target.make_cache())
+        return np.array(hidden.astype(mx.float32))
+
+    def fingerprint(self) -> str:
+        """Hash of the hidden states of a fixed probe sequence (identifies the target)."""
+        probe = (np.arange(16) * 5 % 8 + 1).astype(np.int32)
+        h = self([probe])[0]
+        return hashlib.sha256(np.ascontiguousarray(h, dtype=np.float32).tobytes()).hexdigest()
+
+
+def padded_length(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`PAD_MULTIPLE`."""
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def extraction_groups(lengths: list[int], max_tokens: int) -> list[np.ndarray]:
+    """Sequence indices grouped for batched forwards, shortest sequences first.
+
+    A group's padded size (``count * padded_length(longest)``) stays within
+    ``max_tokens``; a longer single sequence forms a group of its own.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups: list[np.ndarray] = []
+    current: list[int] = []
+    for index in order:
+        width = padded_length(lengths[index])
+        if current and (len(current) + 1) * width > max_tokens:
+            groups.append(np.asarray(current, dtype=np.int64))
+            current = []
+        current.append(int(index))
+    if current:
+        groups.append(np.asarray(current, dtype=np.int64))
+    return groups
+
+
+def sequence_row_starts(table: PositionTable, num_sequences: int) -> np.ndarray:
+    """``(S + 1,)`` first table row of each sequence (rows of a sequence are contiguous)."""
+    return np.searchsorted(table.sequence, np.arange(num_sequences + 1), side="left")
+
+
+def group_rows(
+    extractor: HiddenExtractor,
+    sequences: list[np.ndarray],
+    table: PositionTable,
+    starts: np.ndarray,
+    group: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the table rows of one extraction group.
+
+    Returns:
+        ``(rows (n,) int64 ascending, hidden (n, d) float32)``.
+    """
+    hidden = extractor([sequences[i] for i in group])
+    rows, values = [], []
+    for seq, h in zip(group, hidden, strict=True):
+        lo, hi = starts[seq], starts[seq + 1]
+        rows.append(np.arange(lo, hi))
+        values.append(h[table.position[lo:hi]])
+    rows_all = np.concatenate(rows)
+    order = np.argsort(rows_all)
+    return rows_all[order], np.concatenate(values)[order]
+
+
+class FeatureSource(Protocol):
+    """Anything that serves ``h_t`` for rows of a position table."""
+
+    def rows(self, index: np.ndarray) -> mx.array:
+        """``(n, d)`` float32 features of table rows ``index`` ``(n,)``."""
+        ...
+
+
+def data_fingerprint(sequences: Iterable[np.ndarray], table: PositionTable) -> str:
+    """Hash of the token sequences and the table's positions."""
+    digest = hashlib.sha256()
+    for tokens in sequences:
+        digest.update(np.asarray(tokens, dtype=np.int32).tobytes())
+        digest.update(b"|")
+    digest.update(table.sequence.tobytes())
+    digest.update(table.position.tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """``(N, d)`` features of a position table in a memory-mapped ``.npy`` on disk.
+
+    Args:
+        path: Cache directory (holds ``features.npy`` and ``meta.json``).
+        extractor: The target's :class:`HiddenExtractor`.
+        sequences: The (truncated) token sequences the table was built from.
+        table: The position table.
+        groups: Extraction groups (:func:`extraction_groups`).
+        dtype: ``"float16"`` or ``"float32"`` on disk.
+        progress: Show a progress bar while building.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        extractor: HiddenExtractor,
+        sequences: list[np.ndarray],
+        table: PositionTable,
+        groups: list[np.ndarray],
+        dtype: str = "float16",
+        progress: bool = True,
+    ):
+        self.path = Path(path)
+        self.meta = {
+            "target": extractor.fingerprint(),
+            "data": data_fingerprint(sequences, table),
+            "groups": hashlib.sha256(np.concatenate(groups).tobytes()).hexdigest(),
+            "dtype": dtype,
+            "shape": [table.size, extractor_width(extractor, sequences)],
+        }
+        self.built = False
+        if not self._valid():
+            self._build(extractor, sequences, table, groups, progress)
+            self.built = True
+        self.array = np.load(self.path / DATA_FILE, mmap_mode="r")
+
+    def _valid(self) -> bool:
+        meta_file = self.path / META_FILE
+        if not (meta_file.is_file() and (self.path / DATA_FILE).is_file()):
+            return False
+        return json.loads(meta_file.read_text()) == self.meta
+
+    def _build(
+        self,
+        extractor: HiddenExtractor,
+        sequences: list[np.ndarray],
+        table: PositionTable,
+        groups: list[np.ndarray],
+        progress: bool,
+    ) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / META_FILE).unlink(missing_ok=True)
+        out = np.lib.format.open_memmap(
+            self.path / DATA_FILE,
+            mode="w+",
+            dtype=FEATURE_DTYPES[self.meta["dtype"]],
+            shape=tuple(self.meta["shape"]),
+        )
+        starts = sequence_row_starts(table, len(sequences))
+        for group in tqdm(groups, desc="hidden states", unit="group", disable=not progress):
+            rows, values = group_rows(extractor, sequences, table, starts, group)
+            out[rows] = values
+        out.flush()
+        del out
+        (self.path / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    def rows(self, index: np.ndarray) -> mx.array:
+        """``(n, d)`` float32 features of rows ``index``."""
+        order = np.argsort(index)
+        values = np.empty((index.size, self.array.shape[1]), dtype=self.array.dtype)
+        values[order] = self.array[index[order]]
+        return mx.array(values).astype(mx.float32)
+
+
+def extractor_width(extractor: HiddenExtractor, sequences: list[np.ndarray]) -> int:
+    """``d``: width of the extractor's hidden states (from a one-token forward)."""
+    first = next((s for s in sequences if len(s)), np.zeros(1, np.int32))
+    return int(extractor([np.asarray(first[:1])])[0].shape[-1])
+
+
+class StreamingFeatures:
+    """Features computed group by group when first needed; the last ``keep`` groups kept.
+
+    Values are rounded through ``dtype`` exactly as :class:`FeatureCache` stores them.
+
+    Args:
+        extractor: The target's :class:`HiddenExtractor`.
+        sequences: The (truncated) token sequences.
+        table: The position table.
+        groups: Extraction groups (:func:`extraction_groups`).
+        dtype: ``"float16"`` or ``"float32"``.
+        keep: Number of groups kept in memory.
+    """
+
+    def __init__(
+        self,
+        extractor: HiddenExtractor,
+        sequences: list[np.ndarray],
+        table: PositionTable,
+        groups: list[np.ndarray],
+        dtype: str = "float16",
+        keep: int = 16,
+    ):
+        self.extractor = extractor
+        self.sequences = sequences
+        self.table = table
+        self.groups = groups
+        self.dtype = FEATURE_DTYPES[dtype]
+        self.keep = keep
+        self.starts = sequence_row_starts(table, len(sequences))
+        self.group_of = np.zeros(len(sequences), dtype=np.int64)
+        for g, members in enumerate(groups):
+            self.group_of[members] = g
+        self.row_group = self.group_of[table.sequence]
+        self.loaded: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.forwards = 0
+
+    def _load(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        if g in self.loaded:
+            self.loaded.move_to_end(g)
+            return self.loaded[g]
+        rows, values = group_rows(
+            self.extractor, self.sequences, self.table, self.starts, self.groups[g]
+        )
+        self.forwards += 1
+        self.loaded[g] = (rows, values.astype(self.dtype))
+        while len(self.loaded) > self.keep:
+            self.loaded.popitem(last=False)
+        return self.loaded[g]
+
+    def rows(self, index: np.ndarray) -> mx.array:
+        """``(n, d)`` float32 features of rows ``index``."""
+        out: np.ndarray | None = None
+        for g in np.unique(self.row_group[index]):
+            rows, values = self._load(int(g))
+            if out is None:
+                out = np.empty((index.size, values.shape[1]), dtype=self.dtype)
+            mine = np.flatnonzero(self.row_group[index] == g)
+            out[mine] = values[np.searchsorted(rows, index[mine])]
+        return mx.array(out).astype(mx.float32)
+
+
+def dense_features(
+    extractor: HiddenExtractor,
+    sequences: list[np.ndarray],
+    table: PositionTable,
+    groups: list[np.ndarray],
+    dtype: str = "float16",
+) -> np.ndarray:
+    """All ``(N, d)`` features of a (small) table in memory, e.g. the held-out set."""
+    starts = sequence_row_starts(table, len(sequences))
+    out: np.ndarray | None = None
+    for group in groups:
+        rows, values = group_rows(extractor, sequences, table, starts, group)
+        if out is None:
+            out = np.zeros((table.size, values.shape[1]), dtype=FEATURE_DTYPES[dtype])
+        out[rows] = values
+    if out is None:
+        out = np.zeros((0, extractor_width(extractor, sequences)), FEATURE_DTYPES[dtype])
+    return out
