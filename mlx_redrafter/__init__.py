@@ -11,7 +11,7 @@ BLAS = ensure_openblas()
 # isort: split
 from mlx_redrafter.cli import DEFAULT_HEAD  # noqa: E402
 from mlx_redrafter.drafters import Draft, DraftContext, Drafter, ReDrafter, load_drafter  # noqa: E402
-from mlx_redrafter.generate import (  # noqa: E402
+from mlx_redrafter.engine import (  # noqa: E402
     GenerationResponse,
     StepStats,
     generate,

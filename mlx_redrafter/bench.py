@@ -31,7 +31,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
-from mlx_redrafter.generate import StepStats, stream_generate
+from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
 

@@ -62,7 +62,7 @@ def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Run the generate CLI; returns the process exit status."""
-    from mlx_redrafter.generate import print_stats, stream_generate
+    from mlx_redrafter.engine import print_stats, stream_generate
     from mlx_redrafter.models import ModelLoadError, load
 
     try:

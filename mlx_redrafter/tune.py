@@ -18,7 +18,7 @@ import numpy as np
 
 from mlx_redrafter.cache import set_length
 from mlx_redrafter.drafters.base import DraftContext
-from mlx_redrafter.generate import StepStats, stream_generate
+from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.profile import save_profile
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target

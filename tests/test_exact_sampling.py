@@ -234,7 +234,7 @@ def _engine_tokens(setup: Setup, seed: int, params: SamplingParams, n: int) -> l
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from tiny_models import byte_tokenizer
 
-    from mlx_redrafter.generate import stream_generate
+    from mlx_redrafter.engine import stream_generate
 
     tok = TokenizerWrapper(byte_tokenizer())
     tok.eos_token_ids = {10**6}

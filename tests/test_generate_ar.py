@@ -8,7 +8,7 @@ import mlx_lm
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_redrafter import generate as gen
+from mlx_redrafter import engine as gen
 
 
 def _ours(model, tok, prompt, **kw):

@@ -15,7 +15,7 @@ from fake_drafters import OracleDrafter, RandomDrafter
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import byte_tokenizer, tiny_model
 
-from mlx_redrafter import generate as gen
+from mlx_redrafter import engine as gen
 from mlx_redrafter import target as target_module
 from mlx_redrafter.drafters.redrafter import (
     ReDrafter,

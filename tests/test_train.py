@@ -24,7 +24,7 @@ from mlx_redrafter.drafters.redrafter import (
     find_input_embedding,
     load_drafter,
 )
-from mlx_redrafter.generate import StepStats, speculative_tokens
+from mlx_redrafter.engine import StepStats, speculative_tokens
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.train.evaluate import (

@@ -1,0 +1,441 @@
+"""The decoding engine: the autoregressive baseline and the speculative decoding loop.
+
+One speculative step, read top to bottom in :func:`speculative_tokens`::
+
+    draft   = drafter.propose(context)          beams (W, L), root first        [drafters/]
+    tree    = pack(beams)                       N deduplicated nodes            [tree.py]
+    logits  = target.tree_forward(tree)         (N, V) + hidden (N, d)          [target.py]
+    result  = accept(tree, logits)              accepted path, next root token  [accept.py]
+    cache   = gather_path + set_length          keep the path's K/V only        [cache.py]
+
+Everything in a step is lazy until the single host synchronisation that reads the accepted
+length (and, for drafters that draft from lazy inputs, the next step's beams).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_redrafter.accept import Acceptance, accept_exact, accept_greedy, accept_redrafter
+from mlx_redrafter.cache import gather_path, set_length
+from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.target import Target
+from mlx_redrafter.tree import Tree, pack
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed token; mlx-lm's ``GenerationResponse`` fields plus decoding statistics.
+
+    Attributes:
+        text: The next segment of decoded text (may be empty).
+        token: The token id.
+        logprobs: ``(V,)`` log-probabilities for AR decoding; ``None`` when speculative.
+        from_draft: True if the token was drafted and accepted.
+        prompt_tokens: Number of prompt tokens.
+        prompt_tps: Prompt tokens per second.
+        generation_tokens: Tokens generated so far.
+        generation_tps: Generation tokens per second.
+        peak_memory: Peak memory so far, GB.
+        finish_reason: ``"stop"``, ``"length"`` or ``None``.
+        steps: Target forward passes since the prompt (speculative: verification steps).
+        acceptance_by_depth: Fraction of steps that accepted at least ``k`` drafted tokens,
+            for ``k = 1 .. L-1`` (empty for AR).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    steps: int = 0
+    acceptance_by_depth: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens emitted per target call (accepted drafts + 1)."""
+        return self.generation_tokens / max(self.steps, 1)
+
+
+@dataclass
+class StepStats:
+    """Counters the speculative loop updates; read by the streaming wrapper and the bench.
+
+    Attributes:
+        steps: Verification steps (target calls after the prompt).
+        accepted: Drafted tokens accepted at each step.
+        tree_sizes: Packed tree size ``N`` at each step.
+        profile: When true, the loop evaluates each phase separately (extra host syncs)
+            so that ``times`` splits the step into draft / verify / accept / compact;
+            otherwise everything runs lazily and only ``times["step"]`` is filled.
+        times: Seconds spent per phase.
+    """
+
+    steps: int = 0
+    accepted: list[int] = field(default_factory=list)
+    tree_sizes: list[int] = field(default_factory=list)
+    profile: bool = False
+    times: dict[str, float] = field(default_factory=dict)
+
+    def acceptance_by_depth(self, depth: int) -> list[float]:
+        """Fraction of steps accepting at least k drafts, for k = 1 .. depth."""
+        if not self.accepted:
+            return [0.0] * depth
+        counts = np.asarray(self.accepted)
+        return [float((counts >= k).mean()) for k in range(1, depth + 1)]
+
+    def lap(self, phase: str, start: float, *arrays: mx.array) -> float:
+        """Close ``phase`` (evaluating ``arrays`` first when profiling); returns the time now."""
+        if self.profile and arrays:
+            mx.eval(*arrays)
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - start
+        return now
+
+
+def _prefill(model: nn.Module, prompt: mx.array, cache: list) -> None:
+    """Run all but the last prompt token through ``model`` (as mlx-lm does), in chunks."""
+    for start in range(0, prompt.size - 1, PREFILL_STEP):
+        model(prompt[None, start : min(start + PREFILL_STEP, prompt.size - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def _ar_step(
+    model: nn.Module, cache: list, params: SamplingParams, tokens: mx.array, history: mx.array
+) -> tuple[mx.array, mx.array]:
+    """One AR step: ``tokens (n,)`` in, ``(next token (1,), logprobs (V,))`` out (lazy)."""
+    logits = model(tokens[None], cache=cache)[:, -1, :]
+    logits = params.process(history, logits)
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    return params.sample(logprobs), logprobs.squeeze(0)
+
+
+def ar_tokens(
+    model: nn.Module, prompt: mx.array, params: SamplingParams, max_tokens: int
+) -> Iterator[tuple[int, mx.array]]:
+    """Autoregressive decoding: yields ``(token, logprobs (V,))``, mlx-lm's arithmetic.
+
+    The next step is queued (``mx.async_eval``) before the current token is read, so the
+    host never waits idle between steps.
+    """
+    cache = make_prompt_cache(model)
+    _prefill(model, prompt, cache)
+    history = prompt
+    y, logprobs = _ar_step(model, cache, params, prompt[-1:], history)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n != max_tokens:
+        if params.logits_processors:
+            history = mx.concatenate([history, y.astype(history.dtype)])
+        next_y, next_logprobs = _ar_step(model, cache, params, y, history)
+        mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+def accept(
+    tree: Tree, logits: mx.array, params: SamplingParams, rule: str, draft: Draft
+) -> Acceptance:
+    """Apply the acceptance rule (greedy when ``temp == 0``, else ``rule``) to one tree."""
+    tokens = mx.array(tree.tokens)
+    if params.greedy:
+        return accept_greedy(tree, tokens, logits)
+    probs = params.probs(logits)
+    if rule == "redrafter":
+        if draft.draft_logprobs is None:
+            raise ValueError("the redrafter rule needs the drafter's log-probs (draft_logprobs)")
+        return accept_redrafter(tree, tokens, probs, draft.draft_logprobs, params.temp)
+    if draft.draft_logprobs is not None and getattr(draft, "sampled", False):
+        raise ValueError("sampled drafts need the chain rule (not implemented for trees)")
+    return accept_exact(tree, tokens, probs)
+
+
+def prefill(
+    target: Target, prompt: list[int], cache: list, params: SamplingParams
+) -> tuple[mx.array, mx.array]:
+    """Prompt pass: returns the first generated token ``()`` and the last hidden ``(d,)``."""
+    prompt_arr = mx.array(prompt, dtype=mx.int32)
+    for start in range(0, len(prompt) - 1, PREFILL_STEP):
+        target.forward(prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)], cache)
+        mx.eval([c.state for c in cache])
+    logits, hidden = target.forward(prompt_arr[-1:], cache)
+    return params.sample(logits[-1]).astype(mx.int32), hidden[-1]
+
+
+def speculative_tokens(
+    target: Target,
+    drafter: Drafter,
+    prompt: list[int],
+    params: SamplingParams,
+    width: int,
+    length: int,
+    stats: StepStats,
+    rule: str = "exact",
+) -> Iterator[tuple[int, bool]]:
+    """Speculative decoding: yields ``(token, from_draft)`` forever (the caller stops).
+
+    Args:
+        target: The wrapped target model.
+        drafter: Any :class:`~mlx_redrafter.drafters.base.Drafter`.
+        prompt: Prompt token ids.
+        params: Sampling parameters (greedy when ``temp == 0``).
+        width: Beam width ``W``.
+        length: Beam length ``L`` (root included; ``L - 1`` drafted tokens).
+        stats: Updated in place.
+        rule: ``"exact"`` or ``"redrafter"`` (approximate) when sampling.
+    """
+    if params.logits_processors:
+        raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
+    drafter.reset(prompt)
+    cache = target.make_cache()
+    tokens = list(prompt)
+    root, hidden = prefill(target, prompt, cache, params)
+    position = mx.array(len(tokens), dtype=mx.int32)
+    draft = drafter.propose(DraftContext(hidden, root, position, tokens), width, length)
+    mx.eval(root, draft.beams)
+    yield int(root.item()), False
+    tokens.append(int(root.item()))
+    while True:
+        tic = time.perf_counter()
+        num_cached = len(tokens) - 1  # the root is not in the cache yet
+        tree = pack(np.array(draft.beams))
+        logits, tree_hidden = target.tree_forward(tree, cache)
+        tic = stats.lap("verify", tic, logits)
+        result = accept(tree, logits, params, rule, draft)
+        tic = stats.lap("accept", tic, result.num_accepted, result.next_root)
+        gather_path(cache, result.path, num_cached)
+        tic = stats.lap("compact", tic, *[c.state for c in cache])
+        # the next draft starts from the lazy acceptance: no host sync in between
+        position = num_cached + 1 + result.num_accepted
+        context = DraftContext(tree_hidden[result.last_node], result.next_root, position, tokens)
+        draft = drafter.propose(context, width, length)
+        tic = stats.lap("draft", tic, draft.beams)
+        # the step's single host synchronisation
+        mx.eval(result.num_accepted, result.drafted, result.next_root, draft.beams)
+        num = int(result.num_accepted.item())
+        set_length(cache, num_cached + num + 1)
+        new = result.drafted.tolist()[:num] + [int(result.next_root.item())]
+        stats.lap("sync", tic)
+        stats.steps += 1
+        stats.accepted.append(num)
+        stats.tree_sizes.append(tree.size)
+        drafter.accepted(new)
+        tokens.extend(new)
+        for i, token in enumerate(new):
+            yield token, i < num
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: str | list[int] | mx.array) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt.astype(mx.int32)
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return mx.array(prompt, dtype=mx.int32)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    drafter: Drafter | None = None,
+    beam_width: int = 1,
+    beam_length: int = 4,
+    sampler: SamplingParams | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    logits_processors: list | None = None,
+    acceptance: str = "exact",
+    stats: StepStats | None = None,
+) -> Iterator[GenerationResponse]:
+    """Stream a response token by token, as ``mlx_lm.stream_generate`` does.
+
+    With ``drafter=None`` this is autoregressive decoding (token for token what mlx-lm
+    produces for the same model, sampler and seed); with a drafter it is speculative
+    decoding with the same output (greedy: identical tokens; sampling: the same
+    distribution). EOS and ``max_tokens`` end the output at exactly the token AR would.
+
+    Args:
+        model: An mlx-lm model.
+        tokenizer: Its tokenizer (``TokenizerWrapper`` or HF tokenizer).
+        prompt: Text (already chat-formatted if wanted) or token ids.
+        max_tokens: Maximum tokens to generate.
+        drafter: ``None`` for AR, else a drafter (e.g. a loaded ReDrafter head).
+        beam_width: ``W`` beams per step.
+        beam_length: ``L`` tokens per beam including the root (``L - 1`` drafted).
+        sampler: Sampling parameters; overrides ``temp``/``top_p``/``min_p``/``top_k``.
+        temp, top_p, min_p, top_k: Sampling settings (``temp == 0``: greedy).
+        logits_processors: mlx-lm logits processors (AR only).
+        acceptance: ``"exact"`` (default) or ``"redrafter"`` (approximate; for comparison).
+        stats: Optional :class:`StepStats` to fill (speculative decoding).
+    """
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    params = sampler or SamplingParams(
+        temp=temp,
+        top_p=top_p,
+        min_p=min_p,
+        top_k=top_k,
+        logits_processors=tuple(logits_processors or ()),
+    )
+    prompt_arr = _encode(tokenizer, prompt)
+    if prompt_arr.size == 0:
+        raise ValueError("the prompt is empty")
+    _check_context(model, prompt_arr.size)
+    stats = stats if stats is not None else StepStats()
+    if drafter is None:
+        tokens = (
+            (token, False, logprobs) for token, logprobs in ar_tokens(model, prompt_arr, params, -1)
+        )
+    else:
+        if beam_width < 1 or beam_length < 2:
+            raise ValueError("beam_width must be >= 1 and beam_length >= 2")
+        if acceptance not in ("exact", "redrafter"):
+            raise ValueError(f"unknown acceptance rule {acceptance!r} (exact or redrafter)")
+        target = Target(model)
+        tokens = (
+            (token, from_draft, None)
+            for token, from_draft in speculative_tokens(
+                target,
+                drafter,
+                prompt_arr.tolist(),
+                params,
+                beam_width,
+                beam_length,
+                stats,
+                acceptance,
+            )
+        )
+    yield from _responses(
+        tokenizer, prompt_arr.size, tokens, max_tokens, stats, beam_length, drafter
+    )
+
+
+def _check_context(model: nn.Module, num_prompt: int) -> None:
+    args = getattr(model, "args", None)
+    limit = getattr(args, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and num_prompt >= limit:
+        raise ValueError(
+            f"prompt of {num_prompt} tokens does not fit the model's context ({limit} tokens)"
+        )
+
+
+def _responses(
+    tokenizer: TokenizerWrapper,
+    num_prompt: int,
+    tokens: Iterator[tuple[int, bool, mx.array | None]],
+    max_tokens: int,
+    stats: StepStats,
+    beam_length: int,
+    drafter: Drafter | None,
+) -> Iterator[GenerationResponse]:
+    """Turn a token stream into mlx-lm style responses (detokenising, EOS, max_tokens)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    depth = beam_length - 1 if drafter is not None else 0
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    token, from_draft, logprobs = -1, False, None
+    for n, (token, from_draft, logprobs) in enumerate(tokens):
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = num_prompt / prompt_time
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detokenizer.add_token(token)
+        if (n + 1) == max_tokens:
+            break
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=num_prompt,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            steps=stats.steps if drafter is not None else n + 1,
+            acceptance_by_depth=stats.acceptance_by_depth(depth),
+        )
+    detokenizer.finalize()
+    yield GenerationResponse(
+        text=detokenizer.last_segment,
+        token=token,
+        logprobs=logprobs,
+        from_draft=from_draft,
+        prompt_tokens=num_prompt,
+        prompt_tps=prompt_tps,
+        generation_tokens=n + 1,
+        generation_tps=(n + 1) / (time.perf_counter() - tic),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
+        steps=stats.steps if drafter is not None else n + 1,
+        acceptance_by_depth=stats.acceptance_by_depth(depth),
+    )
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a complete response; ``kwargs`` go to :func:`stream_generate`."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print_stats(response, speculative=kwargs.get("drafter") is not None)
+    return text
+
+
+def print_stats(response: GenerationResponse, speculative: bool, file=sys.stdout) -> None:
+    """Print mlx-lm's three stats lines (plus tokens per step when speculative)."""
+    print(
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+        file=file,
+    )
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec",
+        file=file,
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=file)
+    if speculative:
+        # the first token comes from the prompt pass, not from a verification step
+        per_step = (response.generation_tokens - 1) / max(response.steps, 1)
+        print(f"Tokens per step: {per_step:.3f}", file=file)
+        depth = " ".join(f"{a:.3f}" for a in response.acceptance_by_depth)
+        print(f"Acceptance by depth: {depth}", file=file)
