@@ -1,0 +1,181 @@
+"""Faster CPU kernels for batched decoding: ``exp``, SwiGLU and one-token attention.
+
+The Linux CPU build of MLX evaluates ``exp`` (and so softmax, sigmoid and SiLU) with a
+polynomial whose multiply-adds are scalar ``fma`` library calls, about 14 ns per element:
+at batch 64 that is a fifth of a SmolLM2 decode step. :func:`fast_exp` is the same
+algorithm (MLX's range reduction and coefficients) written with plain multiplies and adds
+inside ``mx.compile``, which becomes one tight loop: 4-5x faster and within 1 ulp of
+``mx.exp``.
+
+:func:`installed` swaps two functions in the model's mlx-lm module while a forward graph is
+built, and restores them afterwards:
+
+* ``swiglu`` -> :func:`fast_swiglu` (float32 inputs; anything else is passed through);
+* ``scaled_dot_product_attention`` -> :func:`fast_sdpa`, which handles one query token per
+  row (decode) with a boolean or no mask via grouped-query matmuls, ``(B, Hkv, rep, D) @
+  (B, Hkv, D, S)``, and a fast softmax; every other call goes to the original.
+
+Only float32 models of module files that import both names from mlx-lm's ``activations``
+and ``base`` (llama, qwen2, qwen3, phi3, ...) are affected; the swap is checked against the
+original forward on a probe input before it is used (see
+:func:`mlx_redrafter.train.batch_generate.SlotGenerator`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import activations as _activations
+from mlx_lm.models import base as _base
+
+_ROUND = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds a float32 |y| < 2**22 to an integer
+_LOG2E = 1.442695
+
+
+def _exp_body(x: mx.array) -> mx.array:
+    """``exp(x)`` for float32 ``x``: MLX's algorithm without ``fma`` (traced, not run)."""
+    y = x * _LOG2E
+    n = (y + _ROUND) - _ROUND
+    f = y - n
+    p = f * 1.535336188319500e-4 + 1.339887440266574e-3
+    p = p * f + 9.618437357674640e-3
+    p = p * f + 5.550332471162809e-2
+    p = p * f + 2.402264791363012e-1
+    p = p * f + 6.931472028550421e-1
+    p = p * f + 1.0
+    scale = ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
+    out = mx.where(x > 88.0, mx.inf, p * scale)
+    return mx.where(x < -88.0, 0.0, out)
+
+
+fast_exp = mx.compile(_exp_body)
+
+
+def _swiglu_body(gate: mx.array, x: mx.array) -> mx.array:
+    y = 1.0 / (1.0 + _exp_body(mx.abs(gate)))
+    sig = mx.where(gate < 0, y, 1.0 - y)
+    return gate * sig * x
+
+
+_swiglu_compiled = mx.compile(_swiglu_body)
+_original_swiglu = _activations.swiglu
+_original_sdpa = _base.scaled_dot_product_attention
+
+
+def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """``silu(gate) * x`` for any shape; float32 only (other dtypes use mlx-lm's)."""
+    if gate.dtype != mx.float32 or x.dtype != mx.float32:
+        return _original_swiglu(gate, x)
+    return _swiglu_compiled(gate, x)
+
+
+def _masked_exp_body(scores: mx.array, peak: mx.array, mask: mx.array) -> mx.array:
+    return mx.where(mask, _exp_body(scores - peak), 0.0)
+
+
+_masked_exp = mx.compile(_masked_exp_body)
+_shifted_exp = mx.compile(lambda scores, peak: _exp_body(scores - peak))
+
+
+def decode_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array | None
+) -> mx.array:
+    """Softmax attention of one query token per row.
+
+    Args:
+        queries: ``(B, Hq, 1, D)``.
+        keys: ``(B, Hkv, S, D)`` (may be a strided view), ``Hq % Hkv == 0``.
+        values: ``(B, Hkv, S, Dv)``.
+        scale: Multiplier of the scores.
+        mask: None, or bool broadcastable to ``(B, 1, 1, S)`` (True = attend).
+
+    Returns:
+        ``(B, Hq, 1, Dv)``.
+    """
+    b, hq, _, d = queries.shape
+    hkv = keys.shape[1]
+    q = (queries * scale).reshape(b, hkv, hq // hkv, d)
+    scores = q @ keys.swapaxes(-1, -2)
+    if mask is None:
+        peak = scores.max(axis=-1, keepdims=True)
+        weights = _shifted_exp(scores, peak)
+    else:
+        peak = mx.where(mask, scores, -mx.inf).max(axis=-1, keepdims=True)
+        weights = _masked_exp(scores, peak, mask)
+    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(b, hq, 1, values.shape[-1])
+
+
+def _decode_mask(mask: Any) -> tuple[bool, mx.array | None]:
+    """Whether :func:`decode_attention` can take ``mask``, and the mask it should get."""
+    if mask is None:
+        return True, None
+    per_row = isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim == 4
+    if per_row and mask.shape[1] == 1 and mask.shape[2] == 1:
+        return True, mask
+    return False, None
+
+
+def fast_sdpa(
+    queries: mx.array,
+    keys: Any,
+    values: Any,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """Drop-in for mlx-lm's ``scaled_dot_product_attention`` (decode fast path)."""
+    usable = (
+        sinks is None
+        and not hasattr(cache, "bits")
+        and queries.shape[2] == 1
+        and queries.dtype == mx.float32
+        and queries.shape[1] % keys.shape[1] == 0
+    )
+    if usable:
+        ok, decode_mask = _decode_mask(mask)
+        if ok:
+            return decode_attention(queries, keys, values, scale, decode_mask)
+    return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+
+_REPLACEMENTS = {
+    "swiglu": (_original_swiglu, fast_swiglu),
+    "scaled_dot_product_attention": (_original_sdpa, fast_sdpa),
+}
+
+
+def patchable(model: nn.Module) -> bool:
+    """True when the model's module uses at least one of the replaceable functions."""
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and any(
+        getattr(module, name, None) is original for name, (original, _) in _REPLACEMENTS.items()
+    )
+
+
+@contextmanager
+def installed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Use the fast kernels in ``model``'s module while the ``with`` body builds a graph.
+
+    Args:
+        model: An mlx-lm ``Model``.
+        enabled: When False, do nothing.
+    """
+    module = sys.modules.get(type(model).__module__) if enabled else None
+    swapped: list[tuple[str, Any]] = []
+    if module is not None:
+        for name, (original, fast) in _REPLACEMENTS.items():
+            if getattr(module, name, None) is original:
+                setattr(module, name, fast)
+                swapped.append((name, original))
+    try:
+        yield
+    finally:
+        for name, original in swapped:
+            setattr(module, name, original)
