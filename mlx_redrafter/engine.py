@@ -344,6 +344,50 @@ def _check_context(model: nn.Module, num_prompt: int) -> None:
         )
 
 
+class _Clock:
+    """Prompt and generation timing as mlx-lm reports it."""
+
+    def __init__(self, num_prompt: int):
+        self.num_prompt = num_prompt
+        self.start = time.perf_counter()
+        self.prompt_tps = 0.0
+
+    def first_token(self) -> None:
+        """The prompt pass is over: its rate is fixed and generation timing starts."""
+        self.prompt_tps = self.num_prompt / (time.perf_counter() - self.start)
+        self.start = time.perf_counter()
+
+    def generation_tps(self, count: int) -> float:
+        return count / (time.perf_counter() - self.start)
+
+
+def _response(
+    clock: _Clock,
+    text: str,
+    token: int,
+    count: int,
+    logprobs: mx.array | None,
+    from_draft: bool,
+    steps: int,
+    acceptance: list[float],
+    finish_reason: str | None = None,
+) -> GenerationResponse:
+    return GenerationResponse(
+        text=text,
+        token=token,
+        logprobs=logprobs,
+        from_draft=from_draft,
+        prompt_tokens=clock.num_prompt,
+        prompt_tps=clock.prompt_tps,
+        generation_tokens=count,
+        generation_tps=clock.generation_tps(count),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish_reason,
+        steps=steps,
+        acceptance_by_depth=acceptance,
+    )
+
+
 def _responses(
     tokenizer: TokenizerWrapper,
     num_prompt: int,
@@ -357,47 +401,41 @@ def _responses(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     depth = beam_length - 1 if drafter is not None else 0
-    tic = time.perf_counter()
-    prompt_tps = 0.0
+    clock = _Clock(num_prompt)
     n = 0
     token, from_draft, logprobs = -1, False, None
     for n, (token, from_draft, logprobs) in enumerate(tokens):
         if n == 0:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = num_prompt / prompt_time
-            tic = time.perf_counter()
+            clock.first_token()
         if token in tokenizer.eos_token_ids:
             break
         detokenizer.add_token(token)
         if (n + 1) == max_tokens:
             break
-        yield GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=logprobs,
-            from_draft=from_draft,
-            prompt_tokens=num_prompt,
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / (time.perf_counter() - tic),
-            peak_memory=mx.get_peak_memory() / 1e9,
-            steps=stats.steps if drafter is not None else n + 1,
-            acceptance_by_depth=stats.acceptance_by_depth(depth),
+        steps = stats.steps if drafter is not None else n + 1
+        yield _response(
+            clock,
+            detokenizer.last_segment,
+            token,
+            n + 1,
+            logprobs,
+            from_draft,
+            steps,
+            stats.acceptance_by_depth(depth),
         )
     detokenizer.finalize()
-    yield GenerationResponse(
-        text=detokenizer.last_segment,
-        token=token,
-        logprobs=logprobs,
-        from_draft=from_draft,
-        prompt_tokens=num_prompt,
-        prompt_tps=prompt_tps,
-        generation_tokens=n + 1,
-        generation_tps=(n + 1) / (time.perf_counter() - tic),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
-        steps=stats.steps if drafter is not None else n + 1,
-        acceptance_by_depth=stats.acceptance_by_depth(depth),
+    finish = "stop" if token in tokenizer.eos_token_ids else "length"
+    steps = stats.steps if drafter is not None else n + 1
+    yield _response(
+        clock,
+        detokenizer.last_segment,
+        token,
+        n + 1,
+        logprobs,
+        from_draft,
+        steps,
+        stats.acceptance_by_depth(depth),
+        finish,
     )
 
 
