@@ -34,7 +34,7 @@ from mlx_redrafter.train.data import (
     read_shard,
     shard_paths,
 )
-from mlx_redrafter.train.distill import DistillConfig, build_requests, distill
+from mlx_redrafter.train.distill import DistillConfig, build_requests, common_prefix, distill
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
@@ -71,7 +71,9 @@ def test_greedy_rows_equal_unbatched_mlx_lm(arch: str, batch_size: int, streams:
     assert any(len(w) < MAX_NEW and w[-1] in eos for w in want), "no row ends early"
     assert any(len(w) == MAX_NEW for w in want), "no row reaches max_new_tokens"
 
-    gen = SlotGenerator(model, eos, batch_size=batch_size, max_new_tokens=MAX_NEW, prefill_chunk=16)
+    gen = SlotGenerator(
+        model, eos, batch_size=batch_size, max_new_tokens=MAX_NEW, prefill_chunk=16, streams=streams
+    )
     assert gen.fast_kernels
     got = {c.key: c for c in gen.generate(Request(i, p) for i, p in enumerate(prompts))}
 
@@ -81,6 +83,7 @@ def test_greedy_rows_equal_unbatched_mlx_lm(arch: str, batch_size: int, streams:
         assert got[i].prompt.tolist() == list(prompts[i])
         assert got[i].finish_reason == ("eos" if w[-1] in eos else "length")
     assert gen.stats.generated_tokens == sum(len(w) for w in want)
+    assert gen.stats.prefills >= -(-len(prompts) // gen.prefill_rows)
 
 
 def test_finished_slots_are_dropped_once_the_queue_is_empty() -> None:
@@ -102,6 +105,40 @@ def test_finished_slots_are_dropped_once_the_queue_is_empty() -> None:
     assert [got[i] for i in range(len(prompts))] == want
     assert gen.stats.shrinks > 0
     assert gen.stats.slot_steps < 8 * max(len(w) for w in want)
+
+
+@pytest.mark.parametrize("prefill_rows", [1, 8])
+def test_shared_prefix_is_reused_without_changing_outputs(prefill_rows: int) -> None:
+    model = tiny_model("qwen3", scale=3.0)
+    tokenizer = TokenizerWrapper(byte_tokenizer())
+    tokenizer.eos_token_ids = {0}
+    prefix = (7, 8, 9, 10, 11, 12, 13)
+    prompts = [prefix + p for p in _prompts(4)[:6]] + [(5, 6, 7)]  # the last one does not match
+    want = [_reference(model, tokenizer, p, MAX_NEW) for p in prompts]
+    gen = SlotGenerator(
+        model,
+        {0},
+        batch_size=3,
+        max_new_tokens=MAX_NEW,
+        prefill_rows=prefill_rows,
+        prefill_chunk=16,
+        shared_prefix=prefix,
+    )
+    got = {
+        c.key: c.response.tolist()
+        for c in gen.generate(Request(i, p) for i, p in enumerate(prompts))
+    }
+    assert [got[i] for i in range(len(prompts))] == want
+    assert gen.stats.reused_prompt_tokens >= len(prefix) * (3 if prefill_rows == 8 else 6)
+    assert gen.stats.reused_prompt_tokens % len(prefix) == 0
+
+
+def test_common_prefix_leaves_a_token_to_every_prompt() -> None:
+    reqs = [Request(0, (1, 2, 3, 4)), Request(1, (1, 2, 3, 9, 9)), Request(2, (1, 2, 3))]
+    assert common_prefix(reqs) == (1, 2)
+    assert common_prefix(reqs[:2]) == (1, 2, 3)
+    assert common_prefix(reqs[:1]) == ()
+    assert common_prefix([Request(0, (1, 2)), Request(1, (3, 4))]) == ()
 
 
 def test_greedy_without_fast_kernels_or_head_split_also_matches() -> None:
@@ -182,6 +219,29 @@ def test_decode_attention_matches_sdpa_with_per_row_masks() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     row2 = fast_ops.decode_attention(q[2:3], k[2:3, :, :1], v[2:3, :, :1], 0.25, None)
     np.testing.assert_allclose(got[2:3], row2, rtol=1e-5, atol=1e-6)
+
+
+class _Recorder:
+    """Wraps a function and records the shape of each call's first argument."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, *args, **kwargs):
+        self.shapes.append(tuple(args[0].shape))
+        return self.fn(*args, **kwargs)
+
+
+def test_decode_steps_use_the_fast_attention(monkeypatch) -> None:
+    recorder = _Recorder(fast_ops.decode_attention)
+    monkeypatch.setattr(fast_ops, "decode_attention", recorder)
+    model = tiny_model("llama")
+    gen = SlotGenerator(model, {0}, batch_size=4, max_new_tokens=3, streams=2)
+    assert len(list(gen.generate(Request(i, (1, 2, 3 + i)) for i in range(5)))) == 5
+    layers = len(model.layers)
+    assert len(recorder.shapes) >= layers * gen.stats.decode_steps
+    assert {s[0] for s in recorder.shapes} >= {2} and all(s[2] == 1 for s in recorder.shapes)
 
 
 def test_fast_kernels_are_only_installed_inside_the_block() -> None:

@@ -209,6 +209,18 @@ def build_requests(
     return requests
 
 
+def common_prefix(requests: list[Request]) -> tuple[int, ...]:
+    """Longest id prefix shared by every request and shorter than each (at least 2 needed)."""
+    if len(requests) < 2:
+        return ()
+    first = requests[0].tokens
+    n = min(len(r.tokens) for r in requests) - 1
+    for r in requests[1:]:
+        while n > 0 and r.tokens[:n] != first[:n]:
+            n -= 1
+    return tuple(first[:n])
+
+
 def _to_sequence(c: Completion) -> Sequence:
     pi, si = c.key
     return Sequence(
@@ -322,6 +334,7 @@ def distill(
             prefill_chunk=config.prefill_chunk,
             fast_kernels=config.fast_kernels,
             streams=config.streams,
+            shared_prefix=common_prefix(plan.requests),
         )
         _generate(gen, plan.requests, writer, run, summary, progress, stop_after_shards)
         run.save(complete=summary.remaining == 0)

@@ -199,6 +199,18 @@ class SlotCache:
             self.keys[i][idx, :, :columns, :] = src_k[..., :columns, :]
             self.values[i][idx, :, :columns, :] = src_v[..., :columns, :]
 
+    def fill_prefix(self, keys: list[mx.array], values: list[mx.array]) -> None:
+        """Write the same ``(1, H, p, D)`` keys/values per layer into columns ``[0, p)`` of
+        every row."""
+        p = keys[0].shape[2]
+        self.reserve(p)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if self.keys[i] is None:
+                self._allocate(i, k.shape, v.shape, k.dtype)
+            b = self.batch_size
+            self.keys[i][..., :p, :] = mx.broadcast_to(k, (b, *k.shape[1:]))
+            self.values[i][..., :p, :] = mx.broadcast_to(v, (b, *v.shape[1:]))
+
     def keep_rows(self, rows: np.ndarray) -> None:
         """Drop every row not in ``rows`` (kept rows are renumbered ``0..len(rows)-1``)."""
         idx = mx.array(np.asarray(rows, dtype=np.int32))
