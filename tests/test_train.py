@@ -522,3 +522,38 @@ def test_cli_fit_trains_and_writes_a_loadable_head(tiny_model_dir, tmp_path, cap
     assert head.config.draft_vocab_size == 20 and head.config.exit_dim == 64
     assert main([*argv[:3], "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tmp_path, capsys):
+    from mlx_redrafter.train.__main__ import main
+    from mlx_redrafter.train.data import write_meta
+
+    sequences = second_order_language(24, seed=5)
+    data = write_distilled(tmp_path / "data", sequences)
+    prompts = tmp_path / "prompts.jsonl"
+    cats = ["writing" if i % 3 else "math" for i in range(len(sequences))]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "category": c}) + "\n" for i, c in enumerate(cats))
+    )
+    write_meta(data, {"prompts": str(prompts), "model": str(tiny_model_dir)})
+    head = tmp_path / "head"
+    fit = ["fit", "--data", str(data), "--out", str(head), "--epochs", "1", "--batch-size", "64"]
+    fit += ["--beam-length", "4", "--exit-dim", "64", "--draft-vocab", "12", "--quiet"]
+    assert main(fit) == 0
+    capsys.readouterr()
+    report = tmp_path / "scores.json"
+    argv = ["evaluate", "--head", str(head), "--data", str(data), "--beam-length", "4"]
+    assert main([*argv, "--beam-widths", "1,2", "--json", str(report)]) == 0
+    assert "| math |" in capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads(report.read_text())}
+    assert set(rows) == {"all", "math", "writing"}
+    assert rows["math"]["sequences"] == cats.count("math") and rows["all"]["sequences"] == 24
+    # categories partition the decoding walks: their tokens and steps add up to the total
+    for w in ("1", "2"):
+        steps = {k: r["response_tokens"] / r["decode_tokens_per_step"][w] for k, r in rows.items()}
+        assert steps["math"] + steps["writing"] == pytest.approx(steps["all"], rel=1e-6)
+    vocab = np.array(load_drafter(head).draft_vocab)
+    responses = np.concatenate([t[s:] for t, s in sequences])
+    assert rows["all"]["coverage"] == pytest.approx(np.isin(responses, vocab).mean())
+    assert main([*argv[:3], "--data", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err

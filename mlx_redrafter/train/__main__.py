@@ -1,7 +1,8 @@
-"""``python -m mlx_redrafter.train {distill,fit} ...``: the draft-head training commands.
+"""``python -m mlx_redrafter.train {distill,fit,evaluate} ...``: the draft-head training commands.
 
 ``distill`` (:mod:`mlx_redrafter.train.distill`) generates self-distillation data with the
-target; ``fit`` (:mod:`mlx_redrafter.train.fit`) trains a head on it. Each sub-command's
+target; ``fit`` (:mod:`mlx_redrafter.train.fit`) trains a head on it; ``evaluate``
+(:mod:`mlx_redrafter.train.score`) scores a head on distilled evaluation prompts. Each sub-command's
 module is imported only when the parser is built, and a ``fit`` that cannot be imported
 leaves ``distill`` working (``fit`` then reports why it is unavailable).
 """
@@ -17,7 +18,8 @@ import sys
 from functools import partial
 
 EXIT_ERROR = 2
-COMMANDS = ("distill", "fit")
+#: sub-command -> module of :mod:`mlx_redrafter.train` that implements it
+COMMANDS = {"distill": "distill", "fit": "fit", "evaluate": "score"}
 
 
 def _unavailable(name: str, reason: str, args: argparse.Namespace) -> int:
@@ -34,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}"
     )
-    for name in COMMANDS:
+    for name, module_name in COMMANDS.items():
         try:
-            module = importlib.import_module(f"mlx_redrafter.train.{name}")
+            module = importlib.import_module(f"mlx_redrafter.train.{module_name}")
             module.add_parser(sub)
         except Exception as e:  # a broken or missing sub-command must not hide the others
             stub = sub.add_parser(name, help=f"(unavailable: {type(e).__name__})", add_help=False)

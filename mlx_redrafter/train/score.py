@@ -1,0 +1,209 @@
+"""``python -m mlx_redrafter.train evaluate``: score a trained head on distilled sequences.
+
+Every sequence of a ``distill`` data directory is scored (no held-out split: distil the
+evaluation prompts into their own directory, e.g. MT-Bench first turns). The target's
+hidden states are computed with teacher forcing and the head is run over every response
+position, so the figures are those of :mod:`mlx_redrafter.train.evaluate`:
+
+* top-1 / top-5 accuracy by draft depth;
+* coverage: the share of response tokens inside the head's draft vocabulary (a token
+  outside it can never be drafted);
+* tokens per step of greedy decoding along each response (``decode_tokens_per_step``), by
+  beam width and by the prompt file's ``category`` when it has one. For a greedy target
+  that reproduces the stored responses this is what the engine reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlx_redrafter.drafters.redrafter import (
+    ReDrafterHead,
+    find_input_embedding,
+    load_drafter,
+)
+from mlx_redrafter.train.evaluate import EvalResult, evaluate
+from mlx_redrafter.train.features import HiddenExtractor, dense_features, extraction_groups
+from mlx_redrafter.train.objective import PositionTable, build_position_table
+
+EXIT_ERROR = 2
+
+
+@dataclass
+class Scored:
+    """One evaluation group (all sequences, or one category)."""
+
+    name: str
+    sequences: int
+    response_tokens: int
+    coverage: float
+    result: EvalResult
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "sequences": self.sequences,
+            "response_tokens": self.response_tokens,
+            "coverage": self.coverage,
+            **self.result.to_dict(),
+        }
+
+
+def coverage(head: ReDrafterHead, responses: list[np.ndarray]) -> float:
+    """Share of the response tokens ``responses`` that the head can draft."""
+    total = sum(r.size for r in responses)
+    if head.draft_vocab is None or total == 0:
+        return 1.0
+    ids = np.array(head.draft_vocab)
+    return float(sum(np.isin(r, ids).sum() for r in responses) / total)
+
+
+def teacher_forced(
+    model, sequences: list[tuple[np.ndarray, int]], beam_length: int, extract_tokens: int = 4096
+) -> tuple[PositionTable, np.ndarray]:
+    """Positions of ``sequences`` and the target's ``(N, d)`` hidden states at each one."""
+    tokens = [np.asarray(t, dtype=np.int32) for t, _ in sequences]
+    table = build_position_table(sequences, beam_length, max(len(t) for t in tokens))
+    groups = extraction_groups([len(t) for t in tokens], extract_tokens)
+    return table, dense_features(HiddenExtractor(model), tokens, table, groups, "float32")
+
+
+def score(
+    head: ReDrafterHead,
+    embedding,
+    sequences: list[tuple[np.ndarray, int]],
+    table: PositionTable,
+    features: np.ndarray,
+    beam_widths: tuple[int, ...] = (),
+    name: str = "all",
+) -> Scored:
+    """Score ``head`` over ``sequences`` (``(tokens (T,), response_start)`` pairs).
+
+    Args:
+        head: The head.
+        embedding: The target's input embedding.
+        sequences: Prompt + response ids and where each response starts.
+        table: Their positions (:func:`teacher_forced`).
+        features: ``(N, d)`` hidden states of the table's rows.
+        beam_widths: Beam widths ``W > 1`` simulated besides ``W = 1``.
+        name: Label of the group.
+    """
+    result = evaluate(head, embedding, table, features, None, beam_widths=beam_widths)
+    responses = [np.asarray(t)[s:] for t, s in sequences]
+    return Scored(
+        name,
+        len(sequences),
+        int(sum(r.size for r in responses)),
+        coverage(head, responses),
+        result,
+    )
+
+
+def subset(
+    sequences: list[tuple[np.ndarray, int]],
+    table: PositionTable,
+    features: np.ndarray,
+    picked: np.ndarray,
+) -> tuple[list[tuple[np.ndarray, int]], PositionTable, np.ndarray]:
+    """The sequences with indices ``picked`` (sorted), their table and features."""
+    chosen = [sequences[i] for i in picked]
+    sub_table = build_position_table(chosen, table.length, max(len(t) for t, _ in chosen))
+    sub_features = features[np.isin(table.sequence, picked)]
+    assert sub_features.shape[0] == sub_table.size, "positions and features out of step"
+    return chosen, sub_table, sub_features
+
+
+def categories_of(meta: dict, count: int) -> list[str] | None:
+    """Category of each prompt index of a data directory (``None`` if unknown)."""
+    from mlx_redrafter.prompts import load_prompts
+
+    path = meta.get("prompts")
+    if not path or not Path(path).is_file():
+        return None
+    prompts = load_prompts(path)
+    if len(prompts) < count:
+        return None
+    return [p.category for p in prompts]
+
+
+def format_table(rows: list[Scored], widths: list[int]) -> str:
+    """Markdown table: one row per group, tokens per step per beam width."""
+    head = "| group | seqs | tokens | coverage | top-1 by depth | " + " | ".join(
+        f"tok/step W{w}" for w in widths
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(widths))]
+    for row in rows:
+        top1 = " ".join(f"{a:.2f}" for a in row.result.topk[:, 0])
+        per_w = " | ".join(f"{row.result.decode_tokens_per_step[w]:.2f}" for w in widths)
+        lines.append(
+            f"| {row.name} | {row.sequences} | {row.response_tokens} | {row.coverage:.3f} | "
+            f"{top1} | {per_w} |"
+        )
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``evaluate`` sub-command (its handler is :func:`run`)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a head on distilled sequences",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--head", required=True, help="draft head directory")
+    p.add_argument("--data", required=True, help="distilled data directory (all of it is scored)")
+    p.add_argument("--model", default=None, help="target (default: the one recorded in DATA)")
+    p.add_argument("--beam-length", type=int, default=5, help="L: root + L-1 drafts")
+    p.add_argument("--beam-widths", default="1", help="comma-separated, e.g. 1,2,4")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``evaluate``; one ``error:`` line on stderr and exit code 2 on bad input."""
+    from mlx_redrafter.models import ModelLoadError, load
+    from mlx_redrafter.train.data import DistillDataset
+
+    try:
+        widths = sorted({int(w) for w in args.beam_widths.split(",") if w.strip()})
+        if not widths or min(widths) < 1:
+            raise ValueError("--beam-widths: positive integers, e.g. 1,2,4")
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data: {args.data} is not a directory")
+        dataset = DistillDataset(args.data, heldout_fraction=0.0)
+        if len(dataset) == 0:
+            raise ValueError(f"--data: no distilled sequences in {args.data}")
+        recorded = dataset.meta.get("model")
+        model_id = args.model or (None if recorded in (None, "default") else recorded)
+        model, _ = load(model_id)
+        head = load_drafter(args.head, find_input_embedding(model))
+        length = args.beam_length
+        if length < 2:
+            raise ValueError("--beam-length must be >= 2")
+    except (ValueError, OSError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    sequences = list(dataset)
+    index = dataset.prompt_index
+    embedding = find_input_embedding(model)
+    table, features = teacher_forced(model, sequences, length)
+    rows = [score(head, embedding, sequences, table, features, tuple(widths))]
+    categories = categories_of(dataset.meta, int(index.max()) + 1)
+    if categories is not None and len({categories[i] for i in index}) > 1:
+        labels = np.array([categories[i] for i in index])
+        for name in sorted(set(labels.tolist())):
+            picked = np.flatnonzero(labels == name)
+            part = subset(sequences, table, features, picked)
+            rows.append(score(head, embedding, *part, tuple(widths), name=name))
+    print(f"head {args.head}, L = {length}")
+    print(format_table(rows, widths))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+    return 0
