@@ -10,7 +10,14 @@ BLAS = ensure_openblas()
 
 # isort: split
 from mlx_redrafter.cli import DEFAULT_HEAD  # noqa: E402
-from mlx_redrafter.drafters import Draft, DraftContext, Drafter, ReDrafter, load_drafter  # noqa: E402
+from mlx_redrafter.drafters import (  # noqa: E402
+    Draft,
+    DraftContext,
+    Drafter,
+    PromptLookupDrafter,
+    ReDrafter,
+    load_drafter,
+)
 from mlx_redrafter.engine import (  # noqa: E402
     GenerationResponse,
     StepStats,
@@ -30,6 +37,7 @@ __all__ = [
     "Drafter",
     "GenerationResponse",
     "ModelLoadError",
+    "PromptLookupDrafter",
     "ReDrafter",
     "SamplingParams",
     "StepStats",

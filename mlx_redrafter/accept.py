@@ -33,10 +33,25 @@ Rules
     the target's distribution exactly. The acceptance uniforms are fresh per test, and the
     draft never depends on them.
 
-``exact-chain`` (drafts *sampled* from a proposal ``q``, e.g. a draft model at T > 0,
-    width 1): the standard rule — accept ``x_j`` with probability ``min(1, p(x_j)/q(x_j))``,
-    otherwise emit a sample from ``norm(max(0, p - q))``; after a fully accepted chain emit a
-    bonus sample from ``p``.
+``chain`` (drafts *sampled* from a proposal ``q``, e.g. a draft model at T > 0, width 1):
+    the standard speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) —
+    accept ``x_j`` with probability ``min(1, p(x_j)/q(x_j))``, otherwise emit a sample from
+    ``norm(max(0, p - q))`` and stop; after a fully accepted chain emit a bonus sample from
+    ``p``.
+
+    *Why the emitted token has law p.* At one position ``x ~ q``; the token is ``x``
+    accepted with probability ``q(x) min(1, p(x)/q(x)) = min(p(x), q(x))``. Rejection has
+    probability ``1 - sum_x min(p, q) = sum_x max(0, p - q) =: Z``, and then the token is
+    ``max(0, p(x) - q(x)) / Z``. Together: ``min(p, q) + max(0, p - q) = p``. Given an
+    accepted ``x_j`` the next position is the same situation one token later (the draft's
+    next token is sampled from ``q(. | prefix, x_j)`` and fresh uniforms decide), so by
+    induction every emitted token follows ``p(. | prefix)``.
+
+Valid masks
+-----------
+A tree packed with a ``valid`` mask (:func:`~mlx_redrafter.tree.pack`) has no nodes for
+unusable positions, so the exact walk never sees them; the greedy, chain and ReDrafter
+rules, which walk ``tree.unpack`` beam by beam, stop at the first unusable position.
 
 ``redrafter`` (ReDrafter's published rule, **approximate**, for comparison only): every
     beam is tested on its own with ``min(1, p/q)`` where ``q`` is the head's probability of
@@ -58,6 +73,8 @@ from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import Tree
 
 RULES = ("exact", "redrafter")
+#: Below this residual mass the chain rule draws from ``p`` (``p == q`` up to rounding).
+RESIDUAL_FLOOR = 1e-6
 
 
 @dataclass
@@ -96,6 +113,13 @@ def _finish(
     )
 
 
+def usable_mask(tree: Tree) -> mx.array:
+    """``(W, L)`` bool: positions of ``tree.unpack`` that may be accepted."""
+    if tree.usable is None:
+        return mx.ones(tree.unpack.shape, dtype=mx.bool_)
+    return mx.array(tree.usable)
+
+
 def accept_greedy(tree: Tree, tokens: mx.array, logits: mx.array) -> Acceptance:
     """Greedy (argmax matching) acceptance.
 
@@ -108,7 +132,8 @@ def accept_greedy(tree: Tree, tokens: mx.array, logits: mx.array) -> Acceptance:
     unpack = mx.array(tree.unpack)  # (W, L)
     drafted = tokens[unpack[:, 1:]]  # (W, L-1)
     expected = choice[unpack[:, :-1]]  # (W, L-1)
-    matches = mx.cumprod((drafted == expected).astype(mx.int32), axis=1)
+    ok = (drafted == expected) & usable_mask(tree)[:, 1:]
+    matches = mx.cumprod(ok.astype(mx.int32), axis=1)
     lengths = matches.sum(axis=1)  # (W,)
     best = mx.argmax(lengths)  # first maximum: lowest beam index wins ties
     num = lengths[best]
@@ -203,6 +228,89 @@ def exact_walk(
     return num, node, next_root
 
 
+def chain_residual(p: mx.array, q: mx.array) -> mx.array:
+    """The chain rule's distribution after a rejection: ``norm(max(0, p - q))``.
+
+    Args:
+        p: ``(..., V)`` target distribution.
+        q: ``(..., V)`` proposal distribution (all zeros after a fully accepted chain, which
+            makes this the bonus distribution ``p``).
+
+    Returns:
+        ``(..., V)`` normalised residual; ``p`` where the residual mass is below
+        :data:`RESIDUAL_FLOOR` (``p == q`` up to rounding, so a rejection has probability
+        below the floor).
+    """
+    residual = mx.maximum(p - q, 0.0)
+    mass = residual.sum(axis=-1, keepdims=True)
+    return mx.where(mass > RESIDUAL_FLOOR, residual / mx.maximum(mass, 1e-30), p)
+
+
+def accept_chain(
+    tree: Tree, tokens: mx.array, probs: mx.array, draft_logprobs: mx.array
+) -> Acceptance:
+    """The standard speculative-sampling rule for one sampled chain (module doc).
+
+    Args:
+        tree: The packed tree of a single beam (``W == 1``).
+        tokens: ``(N,)`` int32 node tokens.
+        probs: ``(N, V)`` target distribution per node.
+        draft_logprobs: ``(1, L-1, V)`` log-probabilities of the proposal ``q`` the drafted
+            tokens were sampled from (target vocabulary, after the sampling transforms).
+
+    Raises:
+        ValueError: if the tree has more than one beam.
+    """
+    width, length = tree.unpack.shape
+    if width != 1:
+        raise ValueError(f"the chain rule verifies one sampled beam (W = 1), got W = {width}")
+    path = mx.array(tree.unpack[0])  # (L,)
+    q = mx.exp(draft_logprobs[:, : length - 1].astype(mx.float32))  # (1, L-1, V)
+    uniforms = mx.random.uniform(shape=(1, length - 1))
+    gumbel = mx.random.gumbel(shape=(1, probs.shape[-1]))
+    num, next_root = chain_walk(
+        tokens[path[1:]][None], probs[path][None], q, uniforms, gumbel, usable_mask(tree)[:, 1:]
+    )
+    return _finish(tree, tokens, mx.array(0), num[0], next_root[0])
+
+
+def chain_walk(
+    drafted: mx.array,
+    p: mx.array,
+    q: mx.array,
+    uniforms: mx.array,
+    gumbel: mx.array,
+    usable: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """The chain rule for ``S`` independent chains at once.
+
+    Args:
+        drafted: ``(S, K)`` int32 drafted tokens, ``drafted[:, j] ~ q[:, j]``.
+        p: ``(S, K+1, V)`` target distribution before each drafted token and after the
+            last one (for the bonus token).
+        q: ``(S, K, V)`` proposal distribution each drafted token was sampled from.
+        uniforms: ``(S, K)`` acceptance uniforms in [0, 1).
+        gumbel: ``(S, V)`` standard Gumbel noise for the emitted draw.
+        usable: Optional ``(S, K)`` (or broadcastable) bool, positions that may be accepted.
+
+    Returns:
+        ``(num_accepted, next_root)``, each ``(S,)`` int32.
+    """
+    p_tok = mx.take_along_axis(p[:, :-1], drafted[..., None], axis=-1)[..., 0]  # (S, K)
+    q_tok = mx.take_along_axis(q, drafted[..., None], axis=-1)[..., 0]  # (S, K)
+    ok = uniforms * q_tok < p_tok  # u < min(1, p/q), without dividing by q
+    if usable is not None:
+        ok = ok & usable
+    num = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)  # (S,)
+    q_pad = mx.concatenate([q, mx.zeros_like(q[:, :1])], axis=1)  # (S, K+1, V)
+    at = num[:, None, None]
+    p_at = mx.take_along_axis(p, at, axis=1)[:, 0]  # (S, V)
+    q_at = mx.take_along_axis(q_pad, at, axis=1)[:, 0]  # (S, V)
+    dist = chain_residual(p_at, q_at)
+    next_root = mx.argmax(mx.log(dist) + gumbel, axis=-1).astype(mx.int32)
+    return num.astype(mx.int32), next_root
+
+
 def accept_redrafter(
     tree: Tree, tokens: mx.array, probs: mx.array, draft_logprobs: mx.array, temp: float = 1.0
 ) -> Acceptance:
@@ -219,8 +327,12 @@ def accept_redrafter(
     uniforms = mx.random.uniform(shape=(1, width, length - 1))
     gumbel = mx.random.gumbel(shape=(1, probs.shape[-1]))
     unpack = mx.array(tree.unpack)
-    q = mx.softmax(draft_logprobs.astype(mx.float32) / max(temp, 1e-6), axis=-1)
-    num, best, next_root = redrafter_walk(unpack, tokens, probs, q, uniforms, gumbel)
+    # a valid mask may have shortened the tree to L' <= L columns
+    logprobs = draft_logprobs[:, : length - 1].astype(mx.float32)
+    q = mx.softmax(logprobs / max(temp, 1e-6), axis=-1)
+    num, best, next_root = redrafter_walk(
+        unpack, tokens, probs, q, uniforms, gumbel, usable_mask(tree)[:, 1:]
+    )
     return _finish(tree, tokens, best[0], num[0], next_root[0])
 
 
@@ -231,6 +343,7 @@ def redrafter_walk(
     q: mx.array,
     uniforms: mx.array,
     gumbel: mx.array,
+    usable: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """ReDrafter's rule for ``S`` independent draws at once.
 
@@ -241,6 +354,7 @@ def redrafter_walk(
         q: ``(W, L-1, V)`` head distribution at each drafted position.
         uniforms: ``(S, W, L-1)`` acceptance uniforms.
         gumbel: ``(S, V)`` Gumbel noise for the final draw.
+        usable: Optional ``(W, L-1)`` bool, drafted positions that may be accepted.
 
     Returns:
         ``(num_accepted, best_beam, next_root)``, each ``(S,)`` int32.
@@ -250,6 +364,8 @@ def redrafter_walk(
     q_tok = mx.take_along_axis(q, drafted[..., None], axis=-1)[..., 0]
     ratio = mx.minimum(1.0, p_tok / mx.maximum(q_tok, 1e-30))  # (W, L-1)
     ok = uniforms < ratio[None]
+    if usable is not None:
+        ok = ok & usable[None]
     lengths = mx.cumprod(ok.astype(mx.int32), axis=2).sum(axis=2)  # (S, W)
     best = mx.argmax(lengths, axis=1).astype(mx.int32)  # (S,)
     num = mx.take_along_axis(lengths, best[:, None], axis=1)[:, 0]

@@ -9,7 +9,10 @@ One speculative step, read top to bottom in :func:`speculative_tokens`::
     cache   = gather_path + set_length          keep the path's K/V only        [cache.py]
 
 Everything in a step is lazy until the single host synchronisation that reads the accepted
-length (and, for drafters that draft from lazy inputs, the next step's beams).
+length. Pipelined drafters (ReDrafter) propose the next step's beams from the lazy
+acceptance before that synchronisation, so their beams are read in it too; host drafters
+(``needs_host_tokens``: prompt lookup, draft models) propose right after it, from the
+complete token list.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_redrafter.accept import Acceptance, accept_exact, accept_greedy, accept_redrafter
+from mlx_redrafter.accept import (
+    Acceptance,
+    accept_chain,
+    accept_exact,
+    accept_greedy,
+    accept_redrafter,
+)
 from mlx_redrafter.cache import gather_path, set_length
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.sampling import SamplingParams
@@ -152,19 +161,29 @@ def ar_tokens(
 
 
 def accept(
-    tree: Tree, logits: mx.array, params: SamplingParams, rule: str, draft: Draft
+    tree: Tree,
+    logits: mx.array,
+    params: SamplingParams,
+    rule: str,
+    draft: Draft,
+    stochastic: bool = False,
 ) -> Acceptance:
-    """Apply the acceptance rule (greedy when ``temp == 0``, else ``rule``) to one tree."""
+    """Apply the acceptance rule to one tree.
+
+    Greedy when ``temp == 0``; the chain rule when the drafter is ``stochastic`` and the
+    draft carries the ``q`` its tokens were sampled from; else ``rule`` (``"exact"`` or
+    ``"redrafter"``) for deterministic drafts.
+    """
     tokens = mx.array(tree.tokens)
     if params.greedy:
         return accept_greedy(tree, tokens, logits)
     probs = params.probs(logits)
+    if stochastic and draft.draft_logprobs is not None:
+        return accept_chain(tree, tokens, probs, draft.draft_logprobs)
     if rule == "redrafter":
         if draft.draft_logprobs is None:
             raise ValueError("the redrafter rule needs the drafter's log-probs (draft_logprobs)")
         return accept_redrafter(tree, tokens, probs, draft.draft_logprobs, params.temp)
-    if draft.draft_logprobs is not None and getattr(draft, "sampled", False):
-        raise ValueError("sampled drafts need the chain rule (not implemented for trees)")
     return accept_exact(tree, tokens, probs)
 
 
@@ -204,35 +223,46 @@ def speculative_tokens(
     """
     if params.logits_processors:
         raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
+    pipelined = not getattr(drafter, "needs_host_tokens", False)
+    stochastic = bool(getattr(drafter, "stochastic", False))
     drafter.reset(prompt)
     cache = target.make_cache()
     tokens = list(prompt)
     root, hidden = prefill(target, prompt, cache, params)
-    position = mx.array(len(tokens), dtype=mx.int32)
-    draft = drafter.propose(DraftContext(hidden, root, position, tokens), width, length)
-    mx.eval(root, draft.beams)
-    yield int(root.item()), False
+    mx.eval(root)
     tokens.append(int(root.item()))
+    yield tokens[-1], False
+    position = mx.array(len(tokens) - 1, dtype=mx.int32)
+    draft = None
     while True:
         tic = time.perf_counter()
+        if draft is None:
+            # host drafters (and the first step): propose from the synchronised context
+            context = DraftContext(hidden, root, position, tokens, params)
+            draft = drafter.propose(context, width, length)
+            tic = stats.lap("draft", tic, draft.beams)
         num_cached = len(tokens) - 1  # the root is not in the cache yet
-        tree = pack(np.array(draft.beams))
+        tree = pack(*_host_draft(draft))
         logits, tree_hidden = target.tree_forward(tree, cache)
         tic = stats.lap("verify", tic, logits)
-        result = accept(tree, logits, params, rule, draft)
+        result = accept(tree, logits, params, rule, draft, stochastic)
         tic = stats.lap("accept", tic, result.num_accepted, result.next_root)
         gather_path(cache, result.path, num_cached)
         tic = stats.lap("compact", tic, *[c.state for c in cache])
-        # the next draft starts from the lazy acceptance: no host sync in between
+        hidden, root = tree_hidden[result.last_node], result.next_root
         position = num_cached + 1 + result.num_accepted
-        context = DraftContext(tree_hidden[result.last_node], result.next_root, position, tokens)
-        draft = drafter.propose(context, width, length)
-        tic = stats.lap("draft", tic, draft.beams)
+        draft = None
+        if pipelined:
+            # the next draft starts from the lazy acceptance: no host sync in between
+            draft = drafter.propose(
+                DraftContext(hidden, root, position, tokens, params), width, length
+            )
+            tic = stats.lap("draft", tic, draft.beams)
         # the step's single host synchronisation
-        mx.eval(result.num_accepted, result.drafted, result.next_root, draft.beams)
+        mx.eval(result.num_accepted, result.drafted, root, *_draft_arrays(draft))
         num = int(result.num_accepted.item())
         set_length(cache, num_cached + num + 1)
-        new = result.drafted.tolist()[:num] + [int(result.next_root.item())]
+        new = result.drafted.tolist()[:num] + [int(root.item())]
         stats.lap("sync", tic)
         stats.steps += 1
         stats.accepted.append(num)
@@ -241,6 +271,19 @@ def speculative_tokens(
         tokens.extend(new)
         for i, token in enumerate(new):
             yield token, i < num
+
+
+def _draft_arrays(draft: Draft | None) -> list[mx.array]:
+    """The arrays of a (lazy) draft that the host reads: beams and the valid mask."""
+    if draft is None:
+        return []
+    return [draft.beams] if draft.valid is None else [draft.beams, draft.valid]
+
+
+def _host_draft(draft: Draft) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(beams (W, L), valid (W, L) or None)`` on the host, for :func:`pack`."""
+    valid = None if draft.valid is None else np.array(draft.valid)
+    return np.array(draft.beams), valid
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt: str | list[int] | mx.array) -> mx.array:

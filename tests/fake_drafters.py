@@ -15,6 +15,7 @@ class OracleDrafter:
     """
 
     stochastic = False
+    needs_host_tokens = False
 
     def __init__(self, sequence: list[int], vocab_size: int, seed: int = 0, wrong_every: int = 0):
         self.sequence = mx.array(sequence + [0] * 64, dtype=mx.int32)
@@ -57,6 +58,7 @@ class RandomDrafter:
     """Uniformly random beams (almost nothing is accepted)."""
 
     stochastic = False
+    needs_host_tokens = False
 
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.redrafter import ReDrafter
 
 
@@ -23,4 +24,11 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     return ReDrafter.from_model(model, path, **kwargs)
 
 
-__all__ = ["Draft", "DraftContext", "Drafter", "ReDrafter", "load_drafter"]
+__all__ = [
+    "Draft",
+    "DraftContext",
+    "Drafter",
+    "PromptLookupDrafter",
+    "ReDrafter",
+    "load_drafter",
+]

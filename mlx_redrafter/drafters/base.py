@@ -1,21 +1,30 @@
 """The drafter seam: what every drafter gives the engine and what it is told back.
 
 A drafter only *proposes*. It never touches the target's KV cache, never decides what is
-accepted and never samples the output; the engine (``generate.py``) owns those. Every
+accepted and never samples the output; the engine (``engine.py``) owns those. Every
 proposal is a set of ``W`` beams of length ``L`` that all start with the root token ``g0``
 (the token the target emitted last, not yet in the target's cache); beams that share a
 prefix are merged into one prefix tree by :mod:`mlx_redrafter.tree`.
 
-Arrays in a :class:`Draft` may be lazy: the engine evaluates them together with the
-previous step's acceptance in a single host synchronisation.
+Two kinds of drafters, told apart by :attr:`Drafter.needs_host_tokens`:
+
+* *Pipelined* drafters (``False``: ReDrafter) propose from lazy device inputs (the target's
+  hidden state and root token) before the previous step's acceptance is read; their
+  arrays are evaluated together with that acceptance in the step's single host
+  synchronisation.
+* *Host* drafters (``True``: prompt lookup, draft models) need the complete token list;
+  the engine asks them right after the synchronisation, with ``context.tokens`` ending in
+  the root.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
+
+from mlx_redrafter.sampling import SamplingParams
 
 
 @dataclass
@@ -29,15 +38,21 @@ class DraftContext:
         position: ``()`` int32, index of ``root`` in the full token sequence (prompt +
             output), i.e. the number of tokens before it (lazy).
         tokens: Host list of the tokens known on the host when the draft is requested
-            (prompt + output so far). Drafters proposing from lazy inputs are asked before
-            the previous step's acceptance is read, so for them this list may end up to
-            ``L`` tokens before ``position``; use it only for slow-moving context.
+            (prompt + output so far; the engine keeps appending to it, so read it during
+            ``propose`` only). For host drafters (``needs_host_tokens``) it is complete:
+            it ends with ``root`` and ``len(tokens) == position + 1``. Pipelined drafters
+            are asked before the previous step's acceptance is read, so for them it may
+            end up to ``L`` tokens before ``position``; use it only for slow-moving context.
+        params: The target's sampling settings. Drafters that sample (draft models at
+            ``temp > 0``) draw from their own logits under the same transforms, which
+            keeps the proposal ``q`` close to the target's ``p``.
     """
 
     hidden: mx.array
     root: mx.array
     position: mx.array
     tokens: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass
@@ -49,10 +64,13 @@ class Draft:
         draft_logprobs: ``(W, L-1, V)`` float32 log-probabilities of the drafter's own
             proposal distribution ``q`` at each drafted position, in target-vocabulary
             space, or ``None`` for deterministic drafts (beam search, lookup), which the
-            exact rule verifies with ``q = 1`` on the chosen tokens.
-        valid: ``(W, L)`` bool, or ``None`` when every position is a real draft. Positions
-            after the first invalid one of a beam are never accepted (for drafters that
-            propose fewer than ``L - 1`` tokens, e.g. prompt lookup without a match).
+            exact rule verifies with ``q = 1`` on the chosen tokens. For a stochastic
+            drafter the drafted tokens are samples from exactly this ``q`` (the chain
+            rule needs that).
+        valid: ``(W, L)`` bool, or ``None`` when every position is a real draft. An invalid
+            position and every later position of its beam are neither verified nor
+            accepted (for drafters that propose fewer than ``L - 1`` tokens, e.g. prompt
+            lookup without a long enough match); ``valid[:, 0]`` (the root) is ignored.
     """
 
     beams: mx.array
@@ -64,9 +82,16 @@ class Draft:
 class Drafter(Protocol):
     """Anything that proposes beams for the engine to verify."""
 
-    #: ``True`` if ``Draft.draft_logprobs`` is set and drafts are *sampled* from it
-    #: (draft models at T > 0); ``False`` for deterministic proposals.
+    #: ``True`` if, whenever ``Draft.draft_logprobs`` is set, the drafts are *sampled*
+    #: from it (draft models at T > 0; verified by the chain rule); ``False`` for
+    #: deterministic proposals (verified by the exact tree walk).
     stochastic: bool
+
+    #: ``True`` if :meth:`propose` needs ``context.tokens`` complete up to the root (host
+    #: drafters: prompt lookup, draft models); ``False`` if it drafts from the lazy
+    #: ``hidden``/``root`` before the step's host synchronisation (ReDrafter). Drafters
+    #: without the attribute are treated as ``False``.
+    needs_host_tokens: bool
 
     def reset(self, prompt_tokens: list[int]) -> None:
         """Start a new sequence whose prompt is ``prompt_tokens``."""

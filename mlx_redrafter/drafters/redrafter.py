@@ -467,6 +467,8 @@ class ReDrafter:
     """
 
     stochastic: bool = False
+    #: Beam search drafts from the lazy hidden state and root: pipelined before the sync.
+    needs_host_tokens: bool = False
 
     def __init__(
         self,
