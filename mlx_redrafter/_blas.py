@@ -226,3 +226,18 @@ def blas_symbol_owner(symbol: str = "cblas_sgemm") -> str | None:
     except (AttributeError, OSError):
         pass
     return None
+
+
+def set_blas_threads(count: int) -> bool:
+    """Use ``count`` OpenBLAS threads; ``True`` if the OpenBLAS that MLX uses took it.
+
+    On a CPU shared with other jobs one thread is often several times faster than two
+    (an idle BLAS thread spins while its partner is descheduled).
+    """
+    import mlx_redrafter
+
+    path = mlx_redrafter.BLAS.path
+    if count < 1 or path is None:
+        return False
+    ctypes.CDLL(path).openblas_set_num_threads(count)
+    return True

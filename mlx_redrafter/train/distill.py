@@ -25,7 +25,6 @@ import mlx_redrafter  # noqa: F401  (first: routes MLX's CPU BLAS before mlx.cor
 
 # isort: split
 import argparse
-import ctypes
 import hashlib
 import os
 import signal
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mlx_redrafter._blas import set_blas_threads
 from mlx_redrafter.prompts import chat_tokens, load_prompts
 from mlx_redrafter.train.batch_generate import Completion, Request, SlotGenerator
 from mlx_redrafter.train.data import (
@@ -121,19 +121,6 @@ class DistillSummary:
 
 class Interrupted(Exception):
     """SIGTERM arrived (handled like Ctrl-C)."""
-
-
-def set_blas_threads(count: int) -> bool:
-    """Use ``count`` OpenBLAS threads; True if the OpenBLAS that MLX uses took it.
-
-    On a CPU shared with other jobs one thread is far faster than two (idle BLAS threads
-    spin while their partner is descheduled).
-    """
-    path = mlx_redrafter.BLAS.path
-    if count < 1 or path is None:
-        return False
-    ctypes.CDLL(path).openblas_set_num_threads(count)
-    return True
 
 
 def sha256_file(path: Path) -> str:

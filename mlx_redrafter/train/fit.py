@@ -28,7 +28,6 @@ import mlx_redrafter  # noqa: F401  (first: routes MLX's CPU BLAS before mlx.cor
 
 # isort: split
 import argparse
-import ctypes
 import json
 import shutil
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
+from mlx_redrafter._blas import set_blas_threads
 from mlx_redrafter.drafters.redrafter import (
     ReDrafterConfig,
     ReDrafterHead,
@@ -700,18 +700,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- CLI
-
-
-def set_blas_threads(count: int) -> bool:
-    """Use ``count`` OpenBLAS threads (``True`` if the OpenBLAS MLX runs on took it).
-
-    On a CPU shared with other jobs, one thread is often several times faster than two.
-    """
-    path = mlx_redrafter.BLAS.path
-    if count < 1 or path is None:
-        return False
-    ctypes.CDLL(path).openblas_set_num_threads(count)
-    return True
 
 
 @dataclass
