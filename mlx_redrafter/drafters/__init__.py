@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.drafters.draft_model import DraftModelDrafter, VocabularyMismatchError
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.redrafter import ReDrafter
 
@@ -27,8 +28,10 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
 __all__ = [
     "Draft",
     "DraftContext",
+    "DraftModelDrafter",
     "Drafter",
     "PromptLookupDrafter",
     "ReDrafter",
+    "VocabularyMismatchError",
     "load_drafter",
 ]

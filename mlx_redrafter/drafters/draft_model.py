@@ -1,0 +1,240 @@
+"""A smaller mlx-lm model of the same vocabulary drafts a chain of ``K`` tokens.
+
+Each step the draft model reads the tokens the engine accepted since its last proposal,
+then drafts ``K = L - 1`` tokens one at a time, feeding each back (a chain: ``W = 1``).
+
+* **Greedy** (``temp == 0``) or ``sample=False``: the draft is the draft model's argmax, a
+  deterministic proposal verified by the greedy rule or by the exact tree walk.
+* **Sampling** (``temp > 0``): token ``j`` is a sample from
+  ``q_j = SamplingParams.probs(draft logits)`` — the draft model's distribution under the
+  *target's* temperature / top-p / top-k / min-p — and ``Draft.draft_logprobs`` carries
+  ``log q``. The engine verifies it with the standard chain rule (:func:`accept_chain`):
+  accept with ``min(1, p/q)``, resample from ``norm(max(0, p - q))``, bonus token from ``p``.
+
+The draft model keeps its own KV cache. After a step, the cache holds the context and the
+first ``K - 1`` drafted tokens; the next proposal compares them with the accepted tokens
+and rewinds the cache to the agreeing prefix with mlx-lm's ``trim_prompt_cache``. The cache
+is one plain ``KVCache`` per layer (:meth:`Target.make_cache`: sliding windows are applied
+in the attention mask, so the cache can always be rewound — an mlx-lm
+``RotatingKVCache`` cannot once it has wrapped).
+
+The vocabularies must be the same: equal logit counts, or, when both tokenizers are
+given, the same token strings at the same ids (a padded embedding table is allowed).
+Different tokenizers raise :class:`VocabularyMismatchError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from mlx_redrafter.drafters.base import Draft, DraftContext
+from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.target import Target
+
+#: Tokens per forward when the draft model reads a long context (the prompt).
+PREFILL_STEP = 2048
+
+
+class VocabularyMismatchError(ValueError):
+    """The draft model's vocabulary is not the target's (the message names the difference)."""
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    """Token string -> id of a ``TokenizerWrapper`` or Hugging Face tokenizer."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    return dict(inner.get_vocab())
+
+
+def _describe(vocab: dict[str, int], token: str) -> str:
+    """``"id 17"`` or ``"absent"``."""
+    return f"id {vocab[token]}" if token in vocab else "absent"
+
+
+def check_same_vocabulary(
+    target_size: int,
+    draft_size: int,
+    target_tokenizer: Any = None,
+    draft_tokenizer: Any = None,
+) -> None:
+    """Raise :class:`VocabularyMismatchError` unless the draft can propose target ids.
+
+    Args:
+        target_size: Number of target logits ``V``.
+        draft_size: Number of draft logits.
+        target_tokenizer: Optional target tokenizer.
+        draft_tokenizer: Optional draft tokenizer (checked when both are given).
+
+    With both tokenizers, every token must have the same id in both and fit both logit
+    tables (padded tables of different sizes are fine); without them the logit counts
+    must be equal.
+    """
+    if target_tokenizer is None or draft_tokenizer is None:
+        if target_size != draft_size:
+            raise VocabularyMismatchError(
+                f"vocabulary sizes differ: the target has {target_size} logits, the draft "
+                f"model {draft_size}; a draft model must share the target's tokenizer"
+            )
+        return
+    target_vocab, draft_vocab = _vocab(target_tokenizer), _vocab(draft_tokenizer)
+    if target_vocab != draft_vocab:
+        differ = sorted(
+            set(target_vocab.items()) ^ set(draft_vocab.items()), key=lambda kv: (kv[1], kv[0])
+        )
+        token, _ = differ[0]
+        raise VocabularyMismatchError(
+            f"the draft model's tokenizer differs from the target's ({len(target_vocab)} vs "
+            f"{len(draft_vocab)} tokens, {len(differ) // 2 or len(differ)} entries differ; "
+            f"e.g. {token!r} is {_describe(target_vocab, token)} for the target and "
+            f"{_describe(draft_vocab, token)} for the draft); drafting across different "
+            "tokenizers is not supported"
+        )
+    needed = max(target_vocab.values(), default=-1) + 1
+    if needed > min(target_size, draft_size):
+        raise VocabularyMismatchError(
+            f"the tokenizer has ids up to {needed - 1} but the target has {target_size} and "
+            f"the draft model {draft_size} logits"
+        )
+
+
+class DraftModelDrafter:
+    """Drafts a chain of ``K = L - 1`` tokens with an mlx-lm model (module doc).
+
+    Args:
+        model: The draft model (any mlx-lm model Target supports; it may be the target).
+        target_vocab_size: ``V``, the target's number of logits.
+        sample: At ``temp > 0`` draw the drafts from ``q`` (chain rule; default). With
+            ``False`` the drafts are always the argmax (verified by the exact tree walk).
+        target_tokenizer, draft_tokenizer: Optional tokenizers, checked to be the same
+            (then the logit tables may differ in padding).
+
+    Raises:
+        VocabularyMismatchError: if the vocabularies differ.
+    """
+
+    stochastic: bool = True
+    needs_host_tokens: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_vocab_size: int,
+        *,
+        sample: bool = True,
+        target_tokenizer: Any = None,
+        draft_tokenizer: Any = None,
+    ):
+        self.draft = Target(model)
+        self.vocab_size = int(target_vocab_size)
+        check_same_vocabulary(
+            self.vocab_size, self.draft.vocab_size, target_tokenizer, draft_tokenizer
+        )
+        self.sample = sample
+        self.cache: list[Any] = self.draft.make_cache()
+        self._held: list[int] = []  # host copy of the tokens whose K/V the cache holds
+        self._pending: mx.array | None = None  # drafted tokens fed last step (lazy)
+        self._agreed = 0  # a prefix of _held known to equal the engine's tokens
+
+    @classmethod
+    def from_models(
+        cls,
+        target: nn.Module,
+        draft: nn.Module,
+        target_tokenizer: Any = None,
+        draft_tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> DraftModelDrafter:
+        """A drafter for ``target`` (its vocabulary size read from the model)."""
+        return cls(
+            draft,
+            Target(target).vocab_size,
+            target_tokenizer=target_tokenizer,
+            draft_tokenizer=draft_tokenizer,
+            **kwargs,
+        )
+
+    def reset(self, prompt_tokens: list[int]) -> None:
+        """Start a new sequence: an empty cache (the prompt is read at the first proposal)."""
+        self.cache = self.draft.make_cache()
+        self._held, self._pending, self._agreed = [], None, 0
+
+    def accepted(self, tokens: list[int]) -> None:
+        """Nothing to do: the next :meth:`propose` compares its tokens with the cache."""
+
+    def propose(self, context: DraftContext, width: int, length: int) -> Draft:
+        """A ``(1, L)`` chain after ``context.tokens`` (root last), drafts lazy.
+
+        Raises:
+            ValueError: if ``width != 1`` (a draft model proposes one chain).
+        """
+        if width != 1:
+            raise ValueError(f"a draft model drafts one chain: use beam width 1 (got {width})")
+        tokens = context.tokens
+        feed = self._rewind(tokens)
+        logits = self._read(feed)
+        sampling = self.sample and not context.params.greedy
+        drafted, logprobs = [], []
+        for j in range(length - 1):
+            token, logq = self._next(logits, context.params, sampling)
+            drafted.append(token)
+            if logq is not None:
+                logprobs.append(logq)
+            if j < length - 2:
+                logits = self.draft.forward(token[None], self.cache)[0][-1]
+        self._held.extend(feed)
+        self._agreed = len(tokens)
+        self._pending = mx.stack(drafted[:-1]) if length > 2 else None
+        root = mx.array([tokens[-1]], dtype=mx.int32)
+        beams = mx.concatenate([root, mx.stack(drafted)])[None]
+        return Draft(beams=beams, draft_logprobs=mx.stack(logprobs)[None] if logprobs else None)
+
+    def _rewind(self, tokens: list[int]) -> list[int]:
+        """Trim the cache to the prefix it shares with ``tokens``; returns what to feed."""
+        if self._pending is not None:
+            self._held.extend(self._pending.tolist())
+            self._pending = None
+        agree = min(self._agreed, len(tokens))
+        while (
+            agree < len(self._held) and agree < len(tokens) and self._held[agree] == tokens[agree]
+        ):
+            agree += 1
+        agree = min(agree, len(tokens) - 1)  # always feed the root: its logits are needed
+        excess = len(self._held) - agree
+        if excess:
+            if not can_trim_prompt_cache(self.cache):
+                raise ValueError("the draft model's cache cannot be rewound")
+            trim_prompt_cache(self.cache, excess)
+            del self._held[agree:]
+        return tokens[agree:]
+
+    def _read(self, feed: list[int]) -> mx.array:
+        """Forward ``feed`` (chunked) through the draft model; ``(V_d,)`` last logits."""
+        for start in range(0, len(feed) - 1, PREFILL_STEP):
+            chunk = feed[start : min(start + PREFILL_STEP, len(feed) - 1)]
+            self.draft.forward(mx.array(chunk, dtype=mx.int32), self.cache)
+            mx.eval([c.state for c in self.cache])
+        return self.draft.forward(mx.array(feed[-1:], dtype=mx.int32), self.cache)[0][-1]
+
+    def _next(
+        self, logits: mx.array, params: SamplingParams, sampling: bool
+    ) -> tuple[mx.array, mx.array | None]:
+        """One drafted token ``()`` int32 and its ``log q`` ``(V,)`` (``None`` if argmax)."""
+        logits = self._to_target(logits.astype(mx.float32))
+        if not sampling:
+            return mx.argmax(logits).astype(mx.int32), None
+        weights = params.logits(logits)
+        token = mx.random.categorical(weights).astype(mx.int32)
+        return token, weights - mx.logsumexp(weights)
+
+    def _to_target(self, logits: mx.array) -> mx.array:
+        """Draft logits ``(V_d,)`` as target-vocabulary logits ``(V,)`` (padding cut/added)."""
+        size = logits.shape[-1]
+        if size > self.vocab_size:
+            return logits[: self.vocab_size]
+        if size < self.vocab_size:
+            pad = mx.full((self.vocab_size - size,), -mx.inf, dtype=logits.dtype)
+            return mx.concatenate([logits, pad])
+        return logits
