@@ -4,8 +4,10 @@ For every prompt the methods run interleaved (A B C ... A B C ..., the order rot
 prompt to prompt) so that machine drift cancels out of the ratios:
 
 (a) ``mlx_lm.stream_generate`` (AR)       (b) this library's AR path
-(c) mlx-lm's draft-model speculative decoding (``--draft-model``)
-(d) ReDrafter at every ``--beam-width`` x ``--beam-length``
+(c) mlx-lm's draft-model speculative decoding and ours with the same draft model
+    (``--draft-model``, ``--num-draft-tokens``)
+(d) prompt lookup (``--prompt-lookup``, ``--ngram``, ``--num-draft-tokens``; one chain)
+(e) ReDrafter at every ``--beam-width`` x ``--beam-length``
 
 Reported per method: generation tokens/s (median, min, max), the speedup over (a) as the
 median of per-prompt ratios, tokens per step, acceptance by depth, the step's time split
@@ -31,6 +33,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
+from mlx_redrafter.drafters import DraftModelDrafter, PromptLookupDrafter
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
@@ -124,10 +127,22 @@ class MlxLmDraftModel(Method):
 
 
 class Ours(Method):
-    """(b) our AR path (``drafter=None``) or (d) speculative decoding with a drafter."""
+    """(b) our AR path (``drafter=None``) or speculative decoding with any drafter.
+
+    ``label`` names the drafter in the method name (``ReDrafter W2 L4``, ``prompt lookup
+    W1 L6``, ...).
+    """
 
     def __init__(
-        self, model, tokenizer, params, drafter=None, width=1, length=4, acceptance="exact"
+        self,
+        model,
+        tokenizer,
+        params,
+        drafter=None,
+        width=1,
+        length=4,
+        acceptance="exact",
+        label="ReDrafter",
     ):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.drafter, self.width, self.length, self.acceptance = drafter, width, length, acceptance
@@ -135,7 +150,7 @@ class Ours(Method):
             self.name = "ours AR"
         else:
             rule = "" if acceptance == "exact" or params.greedy else f", {acceptance} rule"
-            self.name = f"ReDrafter W{width} L{length}{rule}"
+            self.name = f"{label} W{width} L{length}{rule}"
             self.depth = length - 1
 
     def generate(self, prompt, max_tokens, stats):
@@ -329,6 +344,25 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -> list[Method]:
+    """Methods (c) (``--draft-model``: mlx-lm's and ours) and (d) (``--prompt-lookup``)."""
+    methods: list[Method] = []
+    length = args.num_draft_tokens + 1
+    if args.draft_model:
+        from mlx_redrafter.models import load
+
+        draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
+        methods.append(
+            MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
+        )
+        ours = DraftModelDrafter.from_models(model, draft_model, tokenizer, draft_tokenizer)
+        methods.append(Ours(model, tokenizer, params, ours, 1, length, label="draft model"))
+    if args.prompt_lookup:
+        lookup = PromptLookupDrafter(ngram=args.ngram)
+        methods.append(Ours(model, tokenizer, params, lookup, 1, length, label="prompt lookup"))
+    return methods
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The bench's argument parser."""
     p = argparse.ArgumentParser(
@@ -345,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=parse_ints, default=[1, 2, 4])
     p.add_argument("--beam-length", type=parse_ints, default=[3, 4, 5])
     p.add_argument("--acceptance", choices=["exact", "redrafter", "both"], default="exact")
-    p.add_argument("--draft-model", default=None, help="mlx-lm draft model for method (c)")
-    p.add_argument("--num-draft-tokens", type=int, default=3)
+    p.add_argument("--draft-model", default=None, help="draft model for the methods (c)")
+    p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
+    p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="K for (c) and (d)")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile-prompts", type=int, default=3, help="prompts for the time split pass")
@@ -369,12 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load(args.model, dtype=args.dtype)
         drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
         items: list[Prompt] = load_prompts(args.prompts, args.num_prompts)
+        params = SamplingParams(
+            temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k
+        )
+        extra = [] if args.tune else model_drafting_methods(args, model, tokenizer, params)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = [chat_tokens(tokenizer, item.text) for item in items]
     categories = [item.category for item in items]
-    params = SamplingParams(temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune:
@@ -394,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     methods: list[Method] = [MlxLmAR(model, tokenizer, params), Ours(model, tokenizer, params)]
-    if args.draft_model:
-        draft_model, _ = load(args.draft_model, dtype=args.dtype)
-        methods.append(
-            MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
-        )
+    methods += extra
     if drafter is not None:
         rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
         for width in args.beam_width:

@@ -11,6 +11,8 @@ import mlx.core as mx
 SHIPPED_HEADS = Path(__file__).parent / "heads"
 DEFAULT_HEAD = SHIPPED_HEADS / "smollm2-135m-instruct"
 DEFAULT_SHAPE = (1, 4)
+#: Drafted tokens per step when ``--num-draft-tokens`` is not given.
+DEFAULT_DRAFT_TOKENS = {"draft-model": 3, "prompt-lookup": 5}
 
 
 class CLIError(Exception):
@@ -52,6 +54,73 @@ def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "
     return load_drafter(path, model, keep_logprobs=acceptance != "exact")
 
 
+def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt-lookup [--ngram N]`` / ``--draft-model PATH`` and ``--num-draft-tokens K``."""
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="draft by n-gram lookup in the prompt and output (no model needed)",
+    )
+    kind.add_argument(
+        "--draft-model", default=None, help="mlx-lm model with the same tokenizer that drafts"
+    )
+    parser.add_argument(
+        "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="tokens drafted per step (draft model: 3, prompt lookup: 5)",
+    )
+
+
+def drafter_kind(args: argparse.Namespace) -> str:
+    """``"prompt-lookup"``, ``"draft-model"`` or ``"head"`` (ReDrafter or none), checked."""
+    kind = "head"
+    if getattr(args, "prompt_lookup", False):
+        kind = "prompt-lookup"
+    elif getattr(args, "draft_model", None):
+        kind = "draft-model"
+    if kind != "head":
+        if args.drafter is not None:
+            raise CLIError(f"--drafter and --{kind} are mutually exclusive")
+        if args.beam_length is not None:
+            raise CLIError(f"--{kind} takes --num-draft-tokens K, not --beam-length")
+    elif args.num_draft_tokens is not None:
+        raise CLIError("--num-draft-tokens needs --prompt-lookup or --draft-model")
+    return kind
+
+
+def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = "exact"):
+    """The drafter the flags ask for and its ``(W, L)``; ``(None, (W, L))`` for AR.
+
+    ``--prompt-lookup``: :class:`PromptLookupDrafter`, ``W`` = ``--beam-width`` (1),
+    ``L = K + 1``. ``--draft-model``: :class:`DraftModelDrafter`, ``W = 1``, ``L = K + 1``.
+    Otherwise ``--drafter`` (a ReDrafter head) with :func:`beam_shape`.
+    """
+    kind = drafter_kind(args)
+    if kind == "head":
+        drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
+        return drafter, beam_shape(args)
+    num_draft = args.num_draft_tokens
+    if num_draft is None:
+        num_draft = DEFAULT_DRAFT_TOKENS[kind]
+    if num_draft < 1:
+        raise CLIError(f"--num-draft-tokens must be >= 1, got {num_draft}")
+    if kind == "prompt-lookup":
+        from mlx_redrafter.drafters import PromptLookupDrafter
+
+        return PromptLookupDrafter(ngram=args.ngram), (args.beam_width or 1, num_draft + 1)
+    from mlx_redrafter.drafters import DraftModelDrafter
+    from mlx_redrafter.models import load
+
+    draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
+    drafter = DraftModelDrafter.from_models(model, draft_model, tokenizer, draft_tokenizer)
+    return drafter, (args.beam_width or 1, num_draft + 1)
+
+
 def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
     """``(W, L)`` from the flags, else the device profile, else the built-in default."""
     from mlx_redrafter.profile import tuned_shape
@@ -68,9 +137,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         if args.seed is not None:
             mx.random.seed(args.seed)
+        drafter_kind(args)  # flag conflicts fail before any model is loaded
         model, tokenizer = load(args.model, dtype=args.dtype)
-        drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
-        width, length = beam_shape(args)
+        drafter, (width, length) = build_drafter(args, model, tokenizer, args.acceptance)
         prompt = format_prompt(tokenizer, read_prompt(args.prompt), args.ignore_chat_template)
         response = None
         for response in stream_generate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlx_redrafter.cli import add_drafter_kind_arguments
 from mlx_redrafter.engine import GenerationResponse, StepStats, generate, stream_generate
 
 __all__ = ["GenerationResponse", "StepStats", "build_parser", "generate", "main", "stream_generate"]
@@ -39,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument(
         "--drafter",
-        default="default",
+        default=None,
         help="draft head dir, 'default' (shipped head for the default model) or 'none' (AR)",
     )
+    add_drafter_kind_arguments(p)
     p.add_argument("--beam-width", type=int, default=None)
     p.add_argument("--beam-length", type=int, default=None)
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
