@@ -352,11 +352,15 @@ def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -
         from mlx_redrafter.models import load
 
         draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
-        methods.append(
-            MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
+        if args.draft_method == "same":  # mlx-lm needs one vocabulary
+            methods.append(
+                MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
+            )
+        ours = DraftModelDrafter.from_models(
+            model, draft_model, tokenizer, draft_tokenizer, method=args.draft_method
         )
-        ours = DraftModelDrafter.from_models(model, draft_model, tokenizer, draft_tokenizer)
-        methods.append(Ours(model, tokenizer, params, ours, 1, length, label="draft model"))
+        label = "draft model" if args.draft_method == "same" else "draft model (tli)"
+        methods.append(Ours(model, tokenizer, params, ours, 1, length, label=label))
     if args.prompt_lookup:
         lookup = PromptLookupDrafter(ngram=args.ngram)
         methods.append(Ours(model, tokenizer, params, lookup, 1, length, label="prompt lookup"))
@@ -380,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-length", type=parse_ints, default=[3, 4, 5])
     p.add_argument("--acceptance", choices=["exact", "redrafter", "both"], default="exact")
     p.add_argument("--draft-model", default=None, help="draft model for the methods (c)")
+    p.add_argument(
+        "--draft-method",
+        choices=["same", "tli"],
+        default="same",
+        help="ours with --draft-model: same tokenizer or token intersection (tli)",
+    )
     p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="K for (c) and (d)")

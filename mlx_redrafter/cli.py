@@ -66,6 +66,13 @@ def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-model", default=None, help="mlx-lm model with the same tokenizer that drafts"
     )
     parser.add_argument(
+        "--draft-method",
+        choices=["same", "tli"],
+        default="same",
+        help="draft model: 'same' tokenizer (default) or 'tli' (another tokenizer; drafts "
+        "the tokens both vocabularies share)",
+    )
+    parser.add_argument(
         "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"
     )
     parser.add_argument(
@@ -90,6 +97,8 @@ def drafter_kind(args: argparse.Namespace) -> str:
             raise CLIError(f"--{kind} takes --num-draft-tokens K, not --beam-length")
     elif args.num_draft_tokens is not None:
         raise CLIError("--num-draft-tokens needs --prompt-lookup or --draft-model")
+    if kind != "draft-model" and args.draft_method != "same":
+        raise CLIError("--draft-method needs --draft-model")
     return kind
 
 
@@ -97,7 +106,8 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     """The drafter the flags ask for and its ``(W, L)``; ``(None, (W, L))`` for AR.
 
     ``--prompt-lookup``: :class:`PromptLookupDrafter`, ``W`` = ``--beam-width`` (1),
-    ``L = K + 1``. ``--draft-model``: :class:`DraftModelDrafter`, ``W = 1``, ``L = K + 1``.
+    ``L = K + 1``. ``--draft-model``: :class:`DraftModelDrafter` (``--draft-method``),
+    ``W = 1``, ``L = K + 1``.
     Otherwise ``--drafter`` (a ReDrafter head) with :func:`beam_shape`.
     """
     kind = drafter_kind(args)
@@ -117,7 +127,9 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     from mlx_redrafter.models import load
 
     draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
-    drafter = DraftModelDrafter.from_models(model, draft_model, tokenizer, draft_tokenizer)
+    drafter = DraftModelDrafter.from_models(
+        model, draft_model, tokenizer, draft_tokenizer, method=args.draft_method
+    )
     return drafter, (args.beam_width or 1, num_draft + 1)
 
 

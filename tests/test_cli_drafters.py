@@ -46,11 +46,14 @@ def other_tokenizer_dir(tmp_path_factory) -> Path:
         ["--prompt-lookup", "--ngram", "2", "--num-draft-tokens", "4"],
         ["--prompt-lookup", "--beam-width", "2"],
         ["--draft-model", "SELF", "--num-draft-tokens", "2"],
+        ["--draft-model", "OTHER", "--draft-method", "tli"],
     ],
 )
-def test_cli_drafters_match_ar(tiny_model_dir, flags):
+def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):
     common = ["--model", str(tiny_model_dir), "--prompt", "the cat the cat", "--max-tokens", "24"]
-    flags = [str(tiny_model_dir) if f == "SELF" else f for f in flags]
+    paths = {"SELF": str(tiny_model_dir), "OTHER": str(other_tokenizer_dir)}
+    self_draft = "SELF" in flags
+    flags = [paths.get(f, f) for f in flags]
     ar = _cli(*common, "--drafter", "none")
     spec = _cli(*common, *flags)
     assert ar.returncode == 0 and spec.returncode == 0, spec.stderr
@@ -58,7 +61,7 @@ def test_cli_drafters_match_ar(tiny_model_dir, flags):
     spec_text, stats = _text_and_stats(spec.stdout)
     assert spec_text == ar_text
     assert len(stats) == 5 and stats[3].startswith("Tokens per step: ")
-    if "--draft-model" in flags:  # the target drafting for itself: every draft accepted
+    if self_draft:  # the target drafting for itself: every draft accepted
         assert float(stats[3].removeprefix("Tokens per step: ")) > 2.5
 
 
@@ -72,6 +75,7 @@ def test_cli_drafters_match_ar(tiny_model_dir, flags):
         (["--prompt-lookup", "--ngram", "0"], "ngram must be >= 1"),
         (["--draft-model", "SELF", "--beam-width", "2"], "beam width 1"),
         (["--draft-model", "OTHER"], "tokenizer differs"),
+        (["--prompt-lookup", "--draft-method", "tli"], "--draft-method needs --draft-model"),
     ],
 )
 def test_cli_drafter_errors_are_one_clear_line(tiny_model_dir, other_tokenizer_dir, flags, message):

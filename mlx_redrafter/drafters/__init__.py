@@ -7,9 +7,10 @@ from pathlib import Path
 import mlx.nn as nn
 
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
-from mlx_redrafter.drafters.draft_model import DraftModelDrafter, VocabularyMismatchError
+from mlx_redrafter.drafters.draft_model import DraftModelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.redrafter import ReDrafter
+from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 
 
 def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:

@@ -18,9 +18,12 @@ is one plain ``KVCache`` per layer (:meth:`Target.make_cache`: sliding windows a
 in the attention mask, so the cache can always be rewound — an mlx-lm
 ``RotatingKVCache`` cannot once it has wrapped).
 
-The vocabularies must be the same: equal logit counts, or, when both tokenizers are
-given, the same token strings at the same ids (a padded embedding table is allowed).
-Different tokenizers raise :class:`VocabularyMismatchError`.
+By default the vocabularies must be the same: equal logit counts, or, when both
+tokenizers are given, the same token strings at the same ids (a padded embedding table is
+allowed); different tokenizers raise :class:`VocabularyMismatchError`. With
+``method="tli"`` a draft model with another tokenizer drafts over the tokens both
+vocabularies share (:func:`~mlx_redrafter.drafters.vocab_map.token_intersection`), still
+verified by the same exact rules.
 """
 
 from __future__ import annotations
@@ -32,21 +35,25 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
+from mlx_redrafter.drafters.vocab_map import (
+    VocabularyMap,
+    VocabularyMismatchError,
+    hf_tokenizer,
+    same_vocabulary,
+    token_intersection,
+)
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 
 #: Tokens per forward when the draft model reads a long context (the prompt).
 PREFILL_STEP = 2048
-
-
-class VocabularyMismatchError(ValueError):
-    """The draft model's vocabulary is not the target's (the message names the difference)."""
+#: ``method`` values of :meth:`DraftModelDrafter.from_models`.
+METHODS = ("same", "tli")
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
     """Token string -> id of a ``TokenizerWrapper`` or Hugging Face tokenizer."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    return dict(inner.get_vocab())
+    return dict(hf_tokenizer(tokenizer).get_vocab())
 
 
 def _describe(vocab: dict[str, int], token: str) -> str:
@@ -90,7 +97,7 @@ def check_same_vocabulary(
             f"{len(draft_vocab)} tokens, {len(differ) // 2 or len(differ)} entries differ; "
             f"e.g. {token!r} is {_describe(target_vocab, token)} for the target and "
             f"{_describe(draft_vocab, token)} for the draft); drafting across different "
-            "tokenizers is not supported"
+            "tokenizers needs the token-intersection method (--draft-method tli)"
         )
     needed = max(target_vocab.values(), default=-1) + 1
     if needed > min(target_size, draft_size):
@@ -105,38 +112,29 @@ class DraftModelDrafter:
 
     Args:
         model: The draft model (any mlx-lm model Target supports; it may be the target).
-        target_vocab_size: ``V``, the target's number of logits.
+        vocabulary: How its vocabulary maps onto the target's
+            (:func:`~mlx_redrafter.drafters.vocab_map.same_vocabulary` or
+            :func:`~mlx_redrafter.drafters.vocab_map.token_intersection`).
         sample: At ``temp > 0`` draw the drafts from ``q`` (chain rule; default). With
             ``False`` the drafts are always the argmax (verified by the exact tree walk).
-        target_tokenizer, draft_tokenizer: Optional tokenizers, checked to be the same
-            (then the logit tables may differ in padding).
-
-    Raises:
-        VocabularyMismatchError: if the vocabularies differ.
     """
 
     stochastic: bool = True
     needs_host_tokens: bool = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        target_vocab_size: int,
-        *,
-        sample: bool = True,
-        target_tokenizer: Any = None,
-        draft_tokenizer: Any = None,
-    ):
+    def __init__(self, model: nn.Module, vocabulary: VocabularyMap, *, sample: bool = True):
         self.draft = Target(model)
-        self.vocab_size = int(target_vocab_size)
-        check_same_vocabulary(
-            self.vocab_size, self.draft.vocab_size, target_tokenizer, draft_tokenizer
-        )
+        if vocabulary.draft_size != self.draft.vocab_size:
+            raise VocabularyMismatchError(
+                f"the vocabulary map is for {vocabulary.draft_size} draft logits, the draft "
+                f"model has {self.draft.vocab_size}"
+            )
+        self.vocabulary = vocabulary
         self.sample = sample
         self.cache: list[Any] = self.draft.make_cache()
-        self._held: list[int] = []  # host copy of the tokens whose K/V the cache holds
+        self._held: list[int] = []  # host copy of the draft tokens whose K/V the cache holds
         self._pending: mx.array | None = None  # drafted tokens fed last step (lazy)
-        self._agreed = 0  # a prefix of _held known to equal the engine's tokens
+        self._agreed = 0  # a prefix of _held known to equal the draft's context
 
     @classmethod
     def from_models(
@@ -145,16 +143,38 @@ class DraftModelDrafter:
         draft: nn.Module,
         target_tokenizer: Any = None,
         draft_tokenizer: Any = None,
-        **kwargs: Any,
+        *,
+        method: str = "same",
+        sample: bool = True,
     ) -> DraftModelDrafter:
-        """A drafter for ``target`` (its vocabulary size read from the model)."""
-        return cls(
-            draft,
-            Target(target).vocab_size,
-            target_tokenizer=target_tokenizer,
-            draft_tokenizer=draft_tokenizer,
-            **kwargs,
-        )
+        """A drafter for ``target``.
+
+        Args:
+            target: The target model.
+            draft: The draft model.
+            target_tokenizer, draft_tokenizer: Their tokenizers (``"same"``: optional, then
+                checked to be equal; ``"tli"``: required).
+            method: ``"same"`` (one vocabulary) or ``"tli"`` (token-level intersection of
+                two tokenizers).
+            sample: See the class.
+
+        Raises:
+            VocabularyMismatchError: if the vocabularies do not fit the method.
+            ValueError: for an unknown method or missing tokenizers.
+        """
+        target_size, draft_size = Target(target).vocab_size, Target(draft).vocab_size
+        if method == "same":
+            check_same_vocabulary(target_size, draft_size, target_tokenizer, draft_tokenizer)
+            vocabulary = same_vocabulary(target_size, draft_size)
+        elif method == "tli":
+            if target_tokenizer is None or draft_tokenizer is None:
+                raise ValueError("the tli method needs both tokenizers")
+            vocabulary = token_intersection(
+                target_tokenizer, draft_tokenizer, target_size, draft_size
+            )
+        else:
+            raise ValueError(f"unknown draft method {method!r} (one of {', '.join(METHODS)})")
+        return cls(draft, vocabulary, sample=sample)
 
     def reset(self, prompt_tokens: list[int]) -> None:
         """Start a new sequence: an empty cache (the prompt is read at the first proposal)."""
@@ -165,34 +185,36 @@ class DraftModelDrafter:
         """Nothing to do: the next :meth:`propose` compares its tokens with the cache."""
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
-        """A ``(1, L)`` chain after ``context.tokens`` (root last), drafts lazy.
+        """A ``(1, L)`` chain of target ids after ``context.tokens`` (root last), lazy.
 
         Raises:
             ValueError: if ``width != 1`` (a draft model proposes one chain).
         """
         if width != 1:
             raise ValueError(f"a draft model drafts one chain: use beam width 1 (got {width})")
-        tokens = context.tokens
+        tokens = self.vocabulary.context(context.tokens)
         feed = self._rewind(tokens)
         logits = self._read(feed)
         sampling = self.sample and not context.params.greedy
-        drafted, logprobs = [], []
+        drafted, logprobs, fed = [], [], []
         for j in range(length - 1):
             token, logq = self._next(logits, context.params, sampling)
             drafted.append(token)
             if logq is not None:
                 logprobs.append(logq)
             if j < length - 2:
-                logits = self.draft.forward(token[None], self.cache)[0][-1]
+                fed.append(self.vocabulary.to_draft[token])
+                logits = self.draft.forward(fed[-1][None], self.cache)[0][-1]
         self._held.extend(feed)
-        self._agreed = len(tokens)
-        self._pending = mx.stack(drafted[:-1]) if length > 2 else None
-        root = mx.array([tokens[-1]], dtype=mx.int32)
+        # re-encoded text may change its last tokens once more text follows (TLI)
+        self._agreed = len(tokens) if self.vocabulary.same_tokens else 0
+        self._pending = mx.stack(fed) if fed else None
+        root = mx.array([context.tokens[-1]], dtype=mx.int32)
         beams = mx.concatenate([root, mx.stack(drafted)])[None]
         return Draft(beams=beams, draft_logprobs=mx.stack(logprobs)[None] if logprobs else None)
 
     def _rewind(self, tokens: list[int]) -> list[int]:
-        """Trim the cache to the prefix it shares with ``tokens``; returns what to feed."""
+        """Trim the cache to the prefix it shares with the draft ``tokens``; returns the rest."""
         if self._pending is not None:
             self._held.extend(self._pending.tolist())
             self._pending = None
@@ -222,19 +244,9 @@ class DraftModelDrafter:
         self, logits: mx.array, params: SamplingParams, sampling: bool
     ) -> tuple[mx.array, mx.array | None]:
         """One drafted token ``()`` int32 and its ``log q`` ``(V,)`` (``None`` if argmax)."""
-        logits = self._to_target(logits.astype(mx.float32))
+        logits = self.vocabulary.target_logits(logits.astype(mx.float32))
         if not sampling:
             return mx.argmax(logits).astype(mx.int32), None
         weights = params.logits(logits)
         token = mx.random.categorical(weights).astype(mx.int32)
         return token, weights - mx.logsumexp(weights)
-
-    def _to_target(self, logits: mx.array) -> mx.array:
-        """Draft logits ``(V_d,)`` as target-vocabulary logits ``(V,)`` (padding cut/added)."""
-        size = logits.shape[-1]
-        if size > self.vocab_size:
-            return logits[: self.vocab_size]
-        if size < self.vocab_size:
-            pad = mx.full((self.vocab_size - size,), -mx.inf, dtype=logits.dtype)
-            return mx.concatenate([logits, pad])
-        return logits
