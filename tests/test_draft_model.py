@@ -79,7 +79,7 @@ def test_greedy_draft_model_equals_ar(arch, other, tokenizer):
         "self": target,
     }
     accepted: dict[str, list[int]] = {name: [] for name in drafts}
-    for i, prompt in enumerate(_prompts(hash(arch) % 1000, vocab, 4)):
+    for i, prompt in enumerate(_prompts(len(arch), vocab, 4)):
         ar = _tokens(target, tokenizer, prompt, 60)
         for name, draft in drafts.items():
             stats = gen.StepStats()

@@ -107,6 +107,71 @@ def check_same_vocabulary(
         )
 
 
+class DraftRunner:
+    """A draft model, its KV cache and a host copy of the tokens the cache holds.
+
+    :meth:`start` rewinds the cache to the longest prefix it shares with a new context and
+    reads the rest; :meth:`feed` appends drafted tokens lazily (they are read back to the
+    host at the next :meth:`start`, after the engine's synchronisation evaluated them).
+
+    Args:
+        model: Any mlx-lm model :class:`Target` supports.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = Target(model)
+        self.reset()
+
+    @property
+    def vocab_size(self) -> int:
+        """``V_d``, the draft model's number of logits."""
+        return self.model.vocab_size
+
+    def reset(self) -> None:
+        """An empty cache."""
+        self.cache: list[Any] = self.model.make_cache()
+        self._held: list[int] = []  # host copy of the tokens whose K/V the cache holds
+        self._pending: list[mx.array] = []  # fed drafts not yet in _held (lazy)
+        self._agreed = 0  # a prefix of _held known to equal the next context
+
+    def start(self, tokens: list[int], stable: bool) -> mx.array:
+        """Bring the cache to ``tokens`` (draft ids, non-empty); ``(V_d,)`` next logits.
+
+        ``stable``: later contexts extend ``tokens`` (same vocabulary), so the next call
+        need not compare this prefix again; re-encoded contexts (other tokenizers) may
+        change their last tokens and are compared from the start.
+        """
+        if self._pending:
+            self._held.extend(mx.stack(self._pending).tolist())
+            self._pending = []
+        agree = min(self._agreed, len(tokens))
+        while (
+            agree < len(self._held) and agree < len(tokens) and self._held[agree] == tokens[agree]
+        ):
+            agree += 1
+        agree = min(agree, len(tokens) - 1)  # always read the last token: its logits are needed
+        excess = len(self._held) - agree
+        if excess:
+            if not can_trim_prompt_cache(self.cache):
+                raise ValueError("the draft model's cache cannot be rewound")
+            trim_prompt_cache(self.cache, excess)
+            del self._held[agree:]
+        feed = tokens[agree:]
+        for begin in range(0, len(feed) - 1, PREFILL_STEP):
+            chunk = feed[begin : min(begin + PREFILL_STEP, len(feed) - 1)]
+            self.model.forward(mx.array(chunk, dtype=mx.int32), self.cache)
+            mx.eval([c.state for c in self.cache])
+        logits = self.model.forward(mx.array(feed[-1:], dtype=mx.int32), self.cache)[0][-1]
+        self._held.extend(feed)
+        self._agreed = len(tokens) if stable else 0
+        return logits
+
+    def feed(self, token: mx.array) -> mx.array:
+        """Append one drafted draft id ``()`` (lazy); ``(V_d,)`` next logits."""
+        self._pending.append(token)
+        return self.model.forward(token[None], self.cache)[0][-1]
+
+
 class DraftModelDrafter:
     """Drafts a chain of ``K = L - 1`` tokens with an mlx-lm model (module doc).
 
@@ -123,18 +188,14 @@ class DraftModelDrafter:
     needs_host_tokens: bool = True
 
     def __init__(self, model: nn.Module, vocabulary: VocabularyMap, *, sample: bool = True):
-        self.draft = Target(model)
-        if vocabulary.draft_size != self.draft.vocab_size:
+        self.runner = DraftRunner(model)
+        if vocabulary.draft_size != self.runner.vocab_size:
             raise VocabularyMismatchError(
                 f"the vocabulary map is for {vocabulary.draft_size} draft logits, the draft "
-                f"model has {self.draft.vocab_size}"
+                f"model has {self.runner.vocab_size}"
             )
         self.vocabulary = vocabulary
         self.sample = sample
-        self.cache: list[Any] = self.draft.make_cache()
-        self._held: list[int] = []  # host copy of the draft tokens whose K/V the cache holds
-        self._pending: mx.array | None = None  # drafted tokens fed last step (lazy)
-        self._agreed = 0  # a prefix of _held known to equal the draft's context
 
     @classmethod
     def from_models(
@@ -178,8 +239,7 @@ class DraftModelDrafter:
 
     def reset(self, prompt_tokens: list[int]) -> None:
         """Start a new sequence: an empty cache (the prompt is read at the first proposal)."""
-        self.cache = self.draft.make_cache()
-        self._held, self._pending, self._agreed = [], None, 0
+        self.runner.reset()
 
     def accepted(self, tokens: list[int]) -> None:
         """Nothing to do: the next :meth:`propose` compares its tokens with the cache."""
@@ -192,53 +252,20 @@ class DraftModelDrafter:
         """
         if width != 1:
             raise ValueError(f"a draft model drafts one chain: use beam width 1 (got {width})")
-        tokens = self.vocabulary.context(context.tokens)
-        feed = self._rewind(tokens)
-        logits = self._read(feed)
+        vocabulary = self.vocabulary
+        logits = self.runner.start(vocabulary.context(context.tokens), vocabulary.same_tokens)
         sampling = self.sample and not context.params.greedy
-        drafted, logprobs, fed = [], [], []
+        drafted, logprobs = [], []
         for j in range(length - 1):
             token, logq = self._next(logits, context.params, sampling)
             drafted.append(token)
             if logq is not None:
                 logprobs.append(logq)
             if j < length - 2:
-                fed.append(self.vocabulary.to_draft[token])
-                logits = self.draft.forward(fed[-1][None], self.cache)[0][-1]
-        self._held.extend(feed)
-        # re-encoded text may change its last tokens once more text follows (TLI)
-        self._agreed = len(tokens) if self.vocabulary.same_tokens else 0
-        self._pending = mx.stack(fed) if fed else None
+                logits = self.runner.feed(vocabulary.to_draft[token])
         root = mx.array([context.tokens[-1]], dtype=mx.int32)
         beams = mx.concatenate([root, mx.stack(drafted)])[None]
         return Draft(beams=beams, draft_logprobs=mx.stack(logprobs)[None] if logprobs else None)
-
-    def _rewind(self, tokens: list[int]) -> list[int]:
-        """Trim the cache to the prefix it shares with the draft ``tokens``; returns the rest."""
-        if self._pending is not None:
-            self._held.extend(self._pending.tolist())
-            self._pending = None
-        agree = min(self._agreed, len(tokens))
-        while (
-            agree < len(self._held) and agree < len(tokens) and self._held[agree] == tokens[agree]
-        ):
-            agree += 1
-        agree = min(agree, len(tokens) - 1)  # always feed the root: its logits are needed
-        excess = len(self._held) - agree
-        if excess:
-            if not can_trim_prompt_cache(self.cache):
-                raise ValueError("the draft model's cache cannot be rewound")
-            trim_prompt_cache(self.cache, excess)
-            del self._held[agree:]
-        return tokens[agree:]
-
-    def _read(self, feed: list[int]) -> mx.array:
-        """Forward ``feed`` (chunked) through the draft model; ``(V_d,)`` last logits."""
-        for start in range(0, len(feed) - 1, PREFILL_STEP):
-            chunk = feed[start : min(start + PREFILL_STEP, len(feed) - 1)]
-            self.draft.forward(mx.array(chunk, dtype=mx.int32), self.cache)
-            mx.eval([c.state for c in self.cache])
-        return self.draft.forward(mx.array(feed[-1:], dtype=mx.int32), self.cache)[0][-1]
 
     def _next(
         self, logits: mx.array, params: SamplingParams, sampling: bool
