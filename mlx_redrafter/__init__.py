@@ -17,6 +17,8 @@ from mlx_redrafter.drafters import (  # noqa: E402
     DraftModelDrafter,
     PromptLookupDrafter,
     ReDrafter,
+    SlemDrafter,
+    draft_model_drafter,
     load_drafter,
 )
 from mlx_redrafter.engine import (  # noqa: E402
@@ -42,8 +44,10 @@ __all__ = [
     "PromptLookupDrafter",
     "ReDrafter",
     "SamplingParams",
+    "SlemDrafter",
     "StepStats",
     "__version__",
+    "draft_model_drafter",
     "generate",
     "load",
     "load_drafter",

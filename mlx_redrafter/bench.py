@@ -33,7 +33,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
-from mlx_redrafter.drafters import DraftModelDrafter, PromptLookupDrafter
+from mlx_redrafter.drafters import PromptLookupDrafter, draft_model_drafter
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
@@ -356,10 +356,11 @@ def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -
             methods.append(
                 MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
             )
-        ours = DraftModelDrafter.from_models(
+        ours = draft_model_drafter(
             model, draft_model, tokenizer, draft_tokenizer, method=args.draft_method
         )
-        label = "draft model" if args.draft_method == "same" else "draft model (tli)"
+        same = args.draft_method == "same"
+        label = "draft model" if same else f"draft model ({args.draft_method})"
         methods.append(Ours(model, tokenizer, params, ours, 1, length, label=label))
     if args.prompt_lookup:
         lookup = PromptLookupDrafter(ngram=args.ngram)
@@ -386,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-model", default=None, help="draft model for the methods (c)")
     p.add_argument(
         "--draft-method",
-        choices=["same", "tli"],
+        choices=["same", "tli", "slem"],
         default="same",
-        help="ours with --draft-model: same tokenizer or token intersection (tli)",
+        help="ours with --draft-model: same tokenizer, token intersection (tli) or slem",
     )
     p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")

@@ -67,10 +67,10 @@ def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--draft-method",
-        choices=["same", "tli"],
+        choices=["same", "tli", "slem"],
         default="same",
-        help="draft model: 'same' tokenizer (default) or 'tli' (another tokenizer; drafts "
-        "the tokens both vocabularies share)",
+        help="draft model: 'same' tokenizer (default); another tokenizer: 'tli' (drafts the "
+        "tokens both vocabularies share) or 'slem' (drafts text, re-tokenized)",
     )
     parser.add_argument(
         "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"
@@ -106,7 +106,7 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     """The drafter the flags ask for and its ``(W, L)``; ``(None, (W, L))`` for AR.
 
     ``--prompt-lookup``: :class:`PromptLookupDrafter`, ``W`` = ``--beam-width`` (1),
-    ``L = K + 1``. ``--draft-model``: :class:`DraftModelDrafter` (``--draft-method``),
+    ``L = K + 1``. ``--draft-model``: :func:`draft_model_drafter` (``--draft-method``),
     ``W = 1``, ``L = K + 1``.
     Otherwise ``--drafter`` (a ReDrafter head) with :func:`beam_shape`.
     """
@@ -123,11 +123,11 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
         from mlx_redrafter.drafters import PromptLookupDrafter
 
         return PromptLookupDrafter(ngram=args.ngram), (args.beam_width or 1, num_draft + 1)
-    from mlx_redrafter.drafters import DraftModelDrafter
+    from mlx_redrafter.drafters import draft_model_drafter
     from mlx_redrafter.models import load
 
     draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
-    drafter = DraftModelDrafter.from_models(
+    drafter = draft_model_drafter(
         model, draft_model, tokenizer, draft_tokenizer, method=args.draft_method
     )
     return drafter, (args.beam_width or 1, num_draft + 1)

@@ -47,6 +47,7 @@ def other_tokenizer_dir(tmp_path_factory) -> Path:
         ["--prompt-lookup", "--beam-width", "2"],
         ["--draft-model", "SELF", "--num-draft-tokens", "2"],
         ["--draft-model", "OTHER", "--draft-method", "tli"],
+        ["--draft-model", "OTHER", "--draft-method", "slem"],
     ],
 )
 def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):

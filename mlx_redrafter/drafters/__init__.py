@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlx.nn as nn
 
@@ -10,7 +11,12 @@ from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.redrafter import ReDrafter
+from mlx_redrafter.drafters.slem import SlemDrafter
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
+
+#: How a draft model proposes (``--draft-method``): one tokenizer, token-level
+#: intersection of two tokenizers, or string-level exact match.
+DRAFT_METHODS = ("same", "tli", "slem")
 
 
 def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
@@ -26,13 +32,37 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     return ReDrafter.from_model(model, path, **kwargs)
 
 
+def draft_model_drafter(
+    target: nn.Module,
+    draft: nn.Module,
+    target_tokenizer: Any = None,
+    draft_tokenizer: Any = None,
+    method: str = "same",
+) -> DraftModelDrafter | SlemDrafter:
+    """A drafter for ``target`` from a draft model, by ``method`` (:data:`DRAFT_METHODS`).
+
+    ``"same"`` and ``"tli"``: :meth:`DraftModelDrafter.from_models`; ``"slem"``:
+    :class:`SlemDrafter` (needs both tokenizers).
+    """
+    if method == "slem":
+        if target_tokenizer is None or draft_tokenizer is None:
+            raise ValueError("the slem method needs both tokenizers")
+        return SlemDrafter(draft, target_tokenizer, draft_tokenizer)
+    return DraftModelDrafter.from_models(
+        target, draft, target_tokenizer, draft_tokenizer, method=method
+    )
+
+
 __all__ = [
     "Draft",
     "DraftContext",
     "DraftModelDrafter",
+    "DRAFT_METHODS",
     "Drafter",
     "PromptLookupDrafter",
     "ReDrafter",
+    "SlemDrafter",
     "VocabularyMismatchError",
+    "draft_model_drafter",
     "load_drafter",
 ]

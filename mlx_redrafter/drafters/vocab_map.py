@@ -81,13 +81,26 @@ class VocabularyMap:
         """The draft model's tokens for the target token sequence ``tokens`` (non-empty)."""
         if self.same_tokens:
             return tokens
-        text = hf_tokenizer(self.target_tokenizer).decode(tokens)
-        draft = hf_tokenizer(self.draft_tokenizer)
-        ids = draft.encode(text, add_special_tokens=False)
-        if not ids:  # e.g. a lone special token: give the draft model something to read
-            fallback = draft.bos_token_id if draft.bos_token_id is not None else 0
-            ids = [fallback]
-        return list(ids)
+        return reencode(tokens, self.target_tokenizer, self.draft_tokenizer)
+
+
+def reencode(tokens: list[int], source_tokenizer: Any, dest_tokenizer: Any) -> list[int]:
+    """``tokens`` of one tokenizer as text, encoded with another (non-empty result).
+
+    Args:
+        tokens: Ids of ``source_tokenizer``.
+        source_tokenizer, dest_tokenizer: ``TokenizerWrapper`` or Hugging Face tokenizers.
+
+    Returns:
+        ``dest_tokenizer``'s ids of the decoded text (special tokens included as text, so
+        shared specials map to each other); ``[bos or 0]`` if the text encodes to nothing.
+    """
+    text = hf_tokenizer(source_tokenizer).decode(tokens)
+    dest = hf_tokenizer(dest_tokenizer)
+    ids = list(dest.encode(text, add_special_tokens=False))
+    if not ids:  # e.g. a lone special token the other side lacks: read something
+        ids = [dest.bos_token_id if dest.bos_token_id is not None else 0]
+    return ids
 
 
 def same_vocabulary(target_size: int, draft_size: int) -> VocabularyMap:
