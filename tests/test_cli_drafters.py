@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from tiny_models import byte_tokenizer, tiny_config, tiny_model
 
 from mlx_redrafter import bench
+from mlx_redrafter.generate import main as generate_main
 
 
 def _cli(*args):
@@ -79,13 +80,15 @@ def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):
         (["--prompt-lookup", "--draft-method", "tli"], "--draft-method needs --draft-model"),
     ],
 )
-def test_cli_drafter_errors_are_one_clear_line(tiny_model_dir, other_tokenizer_dir, flags, message):
+def test_cli_drafter_errors_are_one_clear_line(
+    tiny_model_dir, other_tokenizer_dir, flags, message, capsys
+):
+    """In process (``generate.main``) for speed; the subprocess path is tested above."""
     paths = {"SELF": str(tiny_model_dir), "OTHER": str(other_tokenizer_dir)}
     flags = [paths.get(f, f) for f in flags]
-    out = _cli("--model", str(tiny_model_dir), "--max-tokens", "4", *flags)
-    assert out.returncode == 2
-    err = out.stderr.strip().splitlines()
-    assert len(err) == 1 and message in err[0], out.stderr
+    assert generate_main(["--model", str(tiny_model_dir), "--max-tokens", "4", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_prompt_lookup_and_draft_model_are_exclusive(tiny_model_dir):
