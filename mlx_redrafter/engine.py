@@ -331,7 +331,9 @@ def stream_generate(
         sampler: Sampling parameters; overrides ``temp``/``top_p``/``min_p``/``top_k``.
         temp, top_p, min_p, top_k: Sampling settings (``temp == 0``: greedy).
         logits_processors: mlx-lm logits processors (AR only).
-        acceptance: ``"exact"`` (default) or ``"redrafter"`` (approximate; for comparison).
+        acceptance: ``"exact"`` (default) or ``"redrafter"`` (approximate; for comparison)
+            for deterministic drafts; drafts sampled by a stochastic drafter (a draft model
+            at ``temp > 0``) are always verified by the chain rule.
         stats: Optional :class:`StepStats` to fill (speculative decoding).
     """
     if max_tokens == 0:

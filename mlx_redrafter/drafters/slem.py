@@ -15,6 +15,10 @@ encoded on its own). If that re-encoding changes the look-behind tokens
 themselves (the drafted text merges with committed tokens: ``"12" + "3"`` becoming
 ``"123"``), the committed tokens cannot change, so the drafted text is encoded on its
 own. Positions the re-tokenized text does not fill are marked invalid.
+
+Cost: the context is decoded and re-encoded every step (linear in its length), and the
+drafted ids are read back to the host inside :meth:`SlemDrafter.propose` (the text is
+needed), one synchronisation more per step than the other drafters.
 """
 
 from __future__ import annotations

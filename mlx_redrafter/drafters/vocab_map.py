@@ -20,7 +20,7 @@ Two maps exist:
   tokens by their exact text, e.g. a shared ``<|im_end|>``), and its context
   is the target's text re-encoded with the draft tokenizer at every step (so a token
   boundary that the new text changes is re-encoded too; the drafter rewinds its cache to
-  the last agreeing token).
+  the last agreeing token). Decoding and re-encoding are linear in the context length.
 """
 
 from __future__ import annotations
