@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--skip-ours-ar", action="store_true", help="leave out method (b), our AR path")
     p.add_argument(
         "--tune", action="store_true", help="tune the beam shape for this device and save it"
     )
@@ -443,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tune.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return 0
-    methods: list[Method] = [MlxLmAR(model, tokenizer, params), Ours(model, tokenizer, params)]
+    methods: list[Method] = [MlxLmAR(model, tokenizer, params)]
+    if not args.skip_ours_ar:
+        methods.append(Ours(model, tokenizer, params))
     methods += extra
     if drafter is not None:
         rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
