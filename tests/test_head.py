@@ -345,3 +345,17 @@ def test_load_rejects_bad_draft_vocab(checkpoint_dir, ids: list[int], needle: st
     _rewrite(checkpoint_dir, weights=weights, config={**config, "draft_vocab_size": 3})
     with pytest.raises(ValueError, match=needle):
         load_drafter(checkpoint_dir)
+
+
+def test_a_float16_head_file_drafts_in_the_targets_float32(tmp_path):
+    from mlx_redrafter.drafters.redrafter import ReDrafter, save_drafter
+
+    model = tiny_model("llama")
+    embed = model.model.embed_tokens.weight
+    config = ReDrafterConfig(
+        vocab_size=embed.shape[0], hidden_size=embed.shape[1], exit_dim=32, num_draft_layers=1
+    )
+    save_drafter(ReDrafterHead(config), tmp_path / "head", dtype=mx.float16)
+    drafter = ReDrafter.from_model(model, tmp_path / "head")
+    dtypes = {v.dtype for _, v in tree_flatten(drafter.head.parameters())}
+    assert dtypes == {mx.float32}

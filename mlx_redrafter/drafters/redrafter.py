@@ -238,6 +238,14 @@ def find_input_embedding(model: nn.Module) -> nn.Module:
     raise ValueError("cannot find the target's input embedding (embed_tokens) in the model")
 
 
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The floating dtype the target computes in (its input embedding's, or its scales')."""
+    embedding = find_input_embedding(model)
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return embedding.scales.dtype
+    return embedding.weight.dtype
+
+
 def embedding_dims(embedding: nn.Module) -> tuple[int, int]:
     """``(V, d)`` of an ``nn.Embedding`` / ``nn.QuantizedEmbedding``."""
     if isinstance(embedding, nn.QuantizedEmbedding):
@@ -487,9 +495,13 @@ class ReDrafter:
     def from_model(
         cls, model: nn.Module, head: ReDrafterHead | str | Path, **kwargs: Any
     ) -> ReDrafter:
-        """A drafter for target ``model`` from a head or a drafter directory (checked)."""
+        """A drafter for target ``model`` from a head or a drafter directory (checked).
+
+        A head read from a directory computes in the target's dtype (a float16 file drafts
+        in float32 for a float32 target: on CPUs float16 matmuls are several times slower).
+        """
         if not isinstance(head, ReDrafterHead):
-            head = load_drafter(head, model=model)
+            head = load_drafter(head, model=model, dtype=compute_dtype(model))
         else:
             check_target(head.config, model)
         return cls(head, find_input_embedding(model), **kwargs)
