@@ -413,10 +413,13 @@ def _response(
     count: int,
     logprobs: mx.array | None,
     from_draft: bool,
-    steps: int,
-    acceptance: list[float],
+    stats: StepStats,
+    depth: int,
     finish_reason: str | None = None,
 ) -> GenerationResponse:
+    """The response after ``count`` tokens; ``depth`` is ``L - 1``, or 0 for AR (one step
+    per token)."""
+    steps = stats.steps if depth else count
     return GenerationResponse(
         text=text,
         token=token,
@@ -429,7 +432,7 @@ def _response(
         peak_memory=mx.get_peak_memory() / 1e9,
         finish_reason=finish_reason,
         steps=steps,
-        acceptance_by_depth=acceptance,
+        acceptance_by_depth=stats.acceptance_by_depth(depth),
     )
 
 
@@ -457,30 +460,13 @@ def _responses(
         detokenizer.add_token(token)
         if (n + 1) == max_tokens:
             break
-        steps = stats.steps if drafter is not None else n + 1
         yield _response(
-            clock,
-            detokenizer.last_segment,
-            token,
-            n + 1,
-            logprobs,
-            from_draft,
-            steps,
-            stats.acceptance_by_depth(depth),
+            clock, detokenizer.last_segment, token, n + 1, logprobs, from_draft, stats, depth
         )
     detokenizer.finalize()
     finish = "stop" if token in tokenizer.eos_token_ids else "length"
-    steps = stats.steps if drafter is not None else n + 1
     yield _response(
-        clock,
-        detokenizer.last_segment,
-        token,
-        n + 1,
-        logprobs,
-        from_draft,
-        steps,
-        stats.acceptance_by_depth(depth),
-        finish,
+        clock, detokenizer.last_segment, token, n + 1, logprobs, from_draft, stats, depth, finish
     )
 
 
