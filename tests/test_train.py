@@ -557,3 +557,76 @@ def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tm
     assert rows["all"]["coverage"] == pytest.approx(np.isin(responses, vocab).mean())
     assert main([*argv[:3], "--data", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- soft targets
+
+
+def teacher_check(trainer: Trainer, offset: int) -> float:
+    """Largest gap between the trainer's teacher distributions and the target's own.
+
+    ``offset`` shifts the row read for depth ``k`` (0 = the trainer's rule, ``row + k``).
+    """
+    trainer._setup_features()
+    table = trainer.data.train_table
+    rows = np.arange(min(64, table.size))
+    mask = np.ones((rows.size, table.length - 1), bool)
+    teacher_hidden, soft_mask, projection = trainer._teacher_inputs(rows + offset, mask)
+    got = mx.softmax(teacher_hidden @ projection, axis=-1)
+    gap = 0.0
+    ids = mx.array(trainer.vocab.ids, dtype=mx.int32)
+    for i, row in enumerate(rows.tolist()):
+        seq, t = int(table.sequence[row]), int(table.position[row])
+        tokens = trainer.data.train_tokens[seq]
+        logits = trainer.extractor.model(mx.array(tokens)[None])[0].astype(mx.float32)
+        for k in range(1, table.length):
+            if not soft_mask[i, k - 1].item():
+                continue
+            want = mx.softmax(mx.take(logits[t + k], ids), axis=-1)
+            gap = max(gap, mx.abs(got[i, k - 1] - want).max().item())
+    return gap
+
+
+def test_soft_targets_are_the_targets_own_distribution_at_t_plus_k(model, tmp_path):
+    data = second_order_language(6, seed=5)
+    options = base_options(tmp_path, draft_vocab=40, soft_targets=0.5, feature_dtype="float32")
+    trainer = Trainer(model, data, [], options, progress=False)
+    assert teacher_check(trainer, 0) < 1e-4
+    # Reading row t + k - 1 (the distribution of the *fed* token) is caught.
+    assert teacher_check(trainer, -1) > 1e-2
+
+
+def test_soft_loss_with_one_hot_teacher_equals_hard_loss(model):
+    from mlx_redrafter.train.objective import loss_sums, soft_loss_sums
+
+    head = ReDrafterHead(
+        ReDrafterConfig(vocab_size=VOCAB, hidden_size=64, exit_dim=96, num_draft_layers=1)
+    )
+    n, depths = 5, 3
+    hidden = mx.random.normal((n, 64), key=mx.random.key(0))
+    fed = mx.random.normal((n, depths, 64), key=mx.random.key(1))
+    labels = mx.random.randint(0, VOCAB, (n, depths), key=mx.random.key(2))
+    mask = mx.array(np.random.default_rng(0).random((n, depths)) < 0.7)
+    # A teacher whose distribution is (numerically) one-hot on the label.
+    projection = mx.eye(VOCAB) * 200.0
+    teacher_hidden = mx.eye(VOCAB)[labels]
+    soft_mask = mx.ones((n, depths), dtype=mx.bool_)
+    hard_total, hard_depth = loss_sums(head, hidden, fed, labels, mask)
+    for weight in (0.0, 0.5, 1.0):
+        total, per_depth = soft_loss_sums(
+            head, hidden, fed, labels, mask, teacher_hidden, soft_mask, projection, weight
+        )
+        assert abs(total.item() - hard_total.item()) < 1e-3 * max(1.0, hard_total.item())
+        assert mx.allclose(per_depth, hard_depth).item()
+    # A uniform teacher moves the loss at weight 1.
+    flat, _ = soft_loss_sums(
+        head, hidden, fed, labels, mask, teacher_hidden, soft_mask, projection * 0, 1.0
+    )
+    assert abs(flat.item() - hard_total.item()) > 1e-2
+
+
+def test_soft_targets_refuse_a_catch_all_slot(model, tmp_path):
+    data = second_order_language(4, seed=7)
+    options = base_options(tmp_path, draft_vocab=40, oov="slot", soft_targets=0.5)
+    with pytest.raises(ValueError, match="soft-targets"):
+        Trainer(model, data, [], options, progress=False)

@@ -52,6 +52,7 @@ from mlx_redrafter.drafters.redrafter import (
     load_drafter,
     save_drafter,
 )
+from mlx_redrafter.train.batch_generate import split_model
 from mlx_redrafter.train.evaluate import EvalResult, evaluate
 from mlx_redrafter.train.features import (
     FEATURE_DTYPES,
@@ -71,6 +72,8 @@ from mlx_redrafter.train.objective import (
     build_position_table,
     draft_labels,
     loss_sums,
+    soft_loss_sums,
+    teacher_projection,
 )
 from mlx_redrafter.train.vocab import (
     OOV_MODES,
@@ -95,6 +98,7 @@ RESUME_KEYS = (
     "draft_vocab",
     "draft_coverage",
     "oov",
+    "soft_targets",
     "beam_length",
     "epochs",
     "lr",
@@ -124,6 +128,7 @@ class FitOptions:
     draft_vocab: int | None = None
     draft_coverage: float | None = None
     oov: str = "mask"
+    soft_targets: float = 0.0
     beam_length: int = 5
     epochs: int = 1
     lr: float = 1e-3
@@ -161,6 +166,10 @@ class FitOptions:
             raise ValueError("--draft-coverage must be in (0, 1]")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError("--warmup must be in [0, 1)")
+        if not 0.0 <= self.soft_targets <= 1.0:
+            raise ValueError("--soft-targets must be in [0, 1]")
+        if self.soft_targets > 0 and self.oov != "mask":
+            raise ValueError("--soft-targets needs --oov mask (no catch-all slot)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("--dropout must be in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -391,6 +400,7 @@ class Trainer:
             self.head, vocab, self.coverage = resumed
         self.vocab = vocab
         self.labels_map = None if vocab is None else vocab.target_to_draft()
+        self.projection = self._teacher_projection(model) if options.soft_targets > 0 else None
         self.micro_per_epoch = epoch_batches(
             self._group_rows(), options.batch_size, options.shuffle_pool, options.seed, 0
         ).shape[0]
@@ -420,18 +430,29 @@ class Trainer:
 
     # -- compiled pieces ---------------------------------------------------------------
 
-    def _loss(
-        self, hidden: mx.array, fed: mx.array, labels: mx.array, mask: mx.array, key: mx.array
-    ) -> tuple[mx.array, mx.array]:
-        return loss_sums(self.head, hidden, fed, labels, mask, self.options.dropout, key)
-
-    def _micro_step(
-        self, hidden: mx.array, fed: mx.array, labels: mx.array, mask: mx.array, key: mx.array
-    ) -> tuple[mx.array, mx.array, dict]:
-        """``(summed loss (), per-depth sums (L-1,), gradients of the summed loss)``."""
-        (total, per_depth), grads = nn.value_and_grad(self.head, self._loss)(
-            hidden, fed, labels, mask, key
+    def _loss(self, key: mx.array, *inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """Loss of one micro-batch; ``inputs`` as :meth:`_micro_inputs` returns them."""
+        if self.projection is None:
+            hidden, fed, labels, mask = inputs
+            return loss_sums(self.head, hidden, fed, labels, mask, self.options.dropout, key)
+        hidden, fed, labels, mask, teacher_hidden, soft_mask, projection = inputs
+        return soft_loss_sums(
+            self.head,
+            hidden,
+            fed,
+            labels,
+            mask,
+            teacher_hidden,
+            soft_mask,
+            projection,
+            self.options.soft_targets,
+            self.options.dropout,
+            key,
         )
+
+    def _micro_step(self, key: mx.array, *inputs: mx.array) -> tuple[mx.array, mx.array, dict]:
+        """``(summed loss (), per-depth sums (L-1,), gradients of the summed loss)``."""
+        (total, per_depth), grads = nn.value_and_grad(self.head, self._loss)(key, *inputs)
         return total, per_depth, grads
 
     def _apply_step(self, grads: dict, scale: mx.array) -> mx.array:
@@ -451,13 +472,39 @@ class Trainer:
             self.data.train_table, self.data.train_groups, len(self.data.train_tokens)
         )
 
-    def _micro_inputs(
-        self, rows: np.ndarray
-    ) -> tuple[mx.array, mx.array, mx.array, mx.array, int] | None:
+    def _teacher_projection(self, model: nn.Module) -> mx.array:
+        """``(d, K)`` the target's LM head on the draft vocabulary (for soft targets)."""
+        parts = split_model(model)
+        if not parts.head_split:
+            raise ValueError("--soft-targets: the target's LM head cannot be split off")
+        ids = None if self.vocab is None else mx.array(self.vocab.ids, dtype=mx.int32)
+        projection = teacher_projection(parts.head, embedding_dims(self.embedding)[1], ids)
+        mx.eval(projection)
+        return projection
+
+    def _teacher_inputs(self, safe: np.ndarray, in_loss: np.ndarray) -> tuple[mx.array, ...]:
+        """``(teacher_hidden (B, L-1, d), soft_mask (B, L-1), projection (d, K))``.
+
+        Depth ``k`` of row ``i`` reads row ``i + k``: position ``t + k`` of the same
+        sequence (a sequence's rows are contiguous and in position order).
+        """
+        table = self.data.train_table
+        depth = np.arange(1, table.length, dtype=np.int64)
+        ahead = safe[:, None].astype(np.int64) + depth[None, :]
+        inside = ahead < table.size
+        ahead = np.where(inside, ahead, safe[:, None])
+        same = inside & (table.sequence[ahead] == table.sequence[safe][:, None])
+        ahead = np.where(same, ahead, safe[:, None])
+        teacher = self.features.rows(ahead.reshape(-1)).reshape(*ahead.shape, -1)
+        return teacher, mx.array(same & in_loss), self.projection
+
+    def _micro_inputs(self, rows: np.ndarray) -> tuple[tuple[mx.array, ...], int] | None:
         """One micro-batch from table rows ``(B,)`` (``-1`` = padding), ``None`` if all padding.
 
         Returns:
-            ``(hidden (B, d), fed (B, L-1, d), labels (B, L-1), mask (B, L-1), positions)``.
+            ``(inputs, positions)``: ``inputs`` is ``(hidden (B, d), fed (B, L-1, d),
+            labels (B, L-1), mask (B, L-1))``, followed with soft targets by
+            :meth:`_teacher_inputs`' three arrays.
         """
         real = rows >= 0
         if not real.any():
@@ -469,7 +516,10 @@ class Trainer:
         fed_ids = np.where(windows[:, :-1] == PAD, 0, windows[:, :-1])
         fed = self.embedding(mx.array(fed_ids)).astype(mx.float32)
         hidden = self.features.rows(safe)
-        return hidden, fed, mx.array(labels), mx.array(mask), int(mask.any(axis=1).sum())
+        inputs = (hidden, fed, mx.array(labels), mx.array(mask))
+        if self.projection is not None:
+            inputs += self._teacher_inputs(safe, mask)
+        return inputs, int(mask.any(axis=1).sum())
 
     def _setup_features(self) -> None:
         """Open (or build) the feature cache, or set up streaming; held-out features (once)."""
@@ -520,7 +570,8 @@ class Trainer:
             return None
         saved = json.loads((path / STATE_FILE).read_text())
         mine = asdict(self.options)
-        changed = [k for k in RESUME_KEYS if saved["options"].get(k) != mine[k]]
+        defaults = asdict(FitOptions(out=""))
+        changed = [k for k in RESUME_KEYS if saved["options"].get(k, defaults[k]) != mine[k]]
         if saved.get("data") != self.data_hash:
             changed.append("data")
         if changed:
@@ -598,11 +649,11 @@ class Trainer:
             inputs = self._micro_inputs(rows)
             if inputs is None:
                 continue
-            hidden, fed, labels, mask, count = inputs
+            arrays, count = inputs
             key = mx.random.key(
                 (options.seed * 1_000_003 + epoch * 10_007 + step_in_epoch * 101 + m) % (2**31)
             )
-            total, _, micro_grads = self._grad_step(hidden, fed, labels, mask, key)
+            total, _, micro_grads = self._grad_step(key, *arrays)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss = loss + total
             positions += count
@@ -765,6 +816,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     vocab = head.add_mutually_exclusive_group()
     vocab.add_argument("--draft-vocab", type=int, default=None, metavar="K")
     vocab.add_argument("--draft-coverage", type=float, default=None, metavar="SHARE")
+    head.add_argument(
+        "--soft-targets",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="weight of the target's own distribution next to its token (0: tokens only)",
+    )
     head.add_argument(
         "--oov",
         choices=OOV_MODES,

@@ -38,6 +38,13 @@ Loss
 Per kept position, the sum over its in-loss depths of the cross-entropy of the target's
 draft id (see :mod:`mlx_redrafter.train.vocab`; out-of-vocabulary targets are left out or
 mapped to a catch-all slot), averaged over kept positions of the optimizer step.
+
+Soft targets (``soft_weight = a > 0``): the distilled token ``x_{t+1+k}`` is the argmax of
+the target's own distribution at position ``t + k``, ``p = softmax(head_T(h_{t+k}))``, whose
+hidden state the feature source already holds (row ``t + k`` of the same sequence). Depth
+``k`` then costs ``(1 - a) * CE(x_{t+1+k}) + a * H(p_K, q)``, with ``p_K`` the target's
+distribution restricted to the draft vocabulary and renormalised, ``q`` the head's. Where
+``h_{t+k}`` is not a kept row (``t + k = T - 2``) the hard term keeps the full weight.
 """
 
 from __future__ import annotations
@@ -243,6 +250,62 @@ def loss_sums(
     """
     per_depth = masked_cross_entropy(depth_logits(head, hidden, fed, dropout, key), labels, mask)
     return per_depth.sum(), per_depth
+
+
+def soft_loss_sums(
+    head: ReDrafterHead,
+    hidden: mx.array,
+    fed: mx.array,
+    labels: mx.array,
+    mask: mx.array,
+    teacher_hidden: mx.array,
+    soft_mask: mx.array,
+    projection: mx.array,
+    soft_weight: float,
+    dropout: float = 0.0,
+    key: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Summed hard + soft cross-entropies of one micro-batch (see "Soft targets" above).
+
+    Args:
+        head, hidden, fed, labels, mask, dropout, key: As for :func:`loss_sums`.
+        teacher_hidden: ``(n, L-1, d)`` target hidden states ``h_{t+k}`` of each depth.
+        soft_mask: ``(n, L-1)`` bool, depths whose ``teacher_hidden`` is real (and in the
+            loss).
+        projection: ``(d, K)`` the target's LM head restricted to the draft vocabulary.
+        soft_weight: ``a`` in ``[0, 1]``.
+
+    Returns:
+        ``(total ()``, differentiated, ``per_depth (L-1,))`` hard cross-entropy sums (the
+        same quantity :func:`loss_sums` logs, so curves stay comparable).
+    """
+    logits = depth_logits(head, hidden, fed, dropout, key).astype(mx.float32)
+    hard = nn.losses.cross_entropy(logits, labels, reduction="none")
+    teacher = mx.softmax(mx.stop_gradient(teacher_hidden @ projection), axis=-1)
+    soft = -(teacher * nn.log_softmax(logits, axis=-1)).sum(axis=-1)
+    weight = mx.where(soft_mask, soft_weight, 0.0)
+    mixed = (1.0 - weight) * hard + weight * soft
+    total = mx.where(mask, mixed, 0.0).sum()
+    return total, mx.where(mask, hard, 0.0).sum(axis=0)
+
+
+def teacher_projection(lm_head: nn.Module, width: int, draft_ids: mx.array | None) -> mx.array:
+    """``(d, K)`` matrix of the target's (linear, bias-free) LM head on the draft vocabulary.
+
+    Read off the head by applying it to the identity, so tied, untied and quantized heads
+    all work. ``draft_ids`` ``(K,)`` selects the columns (``None``: all ``V``).
+
+    Raises:
+        ValueError: the head is not linear without bias (e.g. logit soft-capping).
+    """
+    eye = mx.eye(width, dtype=mx.float32)
+    full = lm_head(eye).astype(mx.float32)
+    zero = lm_head(mx.zeros((1, width), mx.float32)).astype(mx.float32)
+    twice = lm_head(2.0 * eye[:1]).astype(mx.float32)
+    linear = mx.allclose(twice, 2.0 * full[:1], rtol=1e-3, atol=1e-3).item()
+    if mx.abs(zero).max().item() > 1e-6 or not linear:
+        raise ValueError("soft targets need a linear LM head without bias or soft-capping")
+    return full if draft_ids is None else mx.take(full, draft_ids, axis=1)
 
 
 def masked_cross_entropy(logits: mx.array, labels: mx.array, mask: mx.array) -> mx.array:
