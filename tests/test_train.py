@@ -253,6 +253,43 @@ def test_batched_features_equal_target_forward_and_cache_equals_streaming(model,
     np.testing.assert_allclose(np.array(reopened.rows(np.array([row])))[0], want, atol=2e-2)
 
 
+class CountingExtractor(HiddenExtractor):
+    """A :class:`HiddenExtractor` that counts the tokens it runs."""
+
+    tokens = 0
+
+    def __call__(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        self.tokens += sum(len(s) for s in sequences)
+        return super().__call__(sequences)
+
+
+def test_feature_cache_grows_by_the_new_sequences_only(model, tmp_path):
+    data = second_order_language(16, seed=8)
+    tokens = [t for t, _ in data]
+    extractor = CountingExtractor(model)
+    first = data[:10]
+    table = build_position_table(first, length=4)
+    groups = extraction_groups([len(t) for t in tokens[:10]], max_tokens=128)
+    FeatureCache(tmp_path / "f", extractor, tokens[:10], table, groups, progress=False)
+    # An interrupted chunk (data without its keys file) is ignored.
+    np.save(tmp_path / "f" / "chunk-00099.npy", np.zeros((3, 64), np.float16))
+    extractor.tokens = 0
+    table = build_position_table(data, length=4)
+    groups = extraction_groups([len(t) for t in tokens], max_tokens=128)
+    grown = FeatureCache(tmp_path / "f", extractor, tokens, table, groups, progress=False)
+    probe = 16 + 1  # the target fingerprint's probe and the one-token width check
+    assert grown.built
+    assert extractor.tokens - probe == sum(len(t) for t in tokens[10:])
+    streaming = StreamingFeatures(extractor, tokens, table, groups, keep=1)
+    rows = np.arange(table.size)
+    np.testing.assert_allclose(
+        np.array(grown.rows(rows)), np.array(streaming.rows(rows)), atol=2e-3
+    )
+    extractor.tokens = 0
+    again = FeatureCache(tmp_path / "f", extractor, tokens, table, groups, progress=False)
+    assert not again.built and extractor.tokens == probe
+
+
 def test_epoch_batches_cover_every_row_once():
     groups = [np.arange(0, 5), np.arange(5, 12), np.arange(12, 13)]
     batches = epoch_batches(groups, batch_size=4, pool=2, seed=0, epoch=1)
@@ -516,7 +553,7 @@ def test_cli_fit_trains_and_writes_a_loadable_head(tiny_model_dir, tmp_path, cap
     assert report["data"]["heldout_sequences"] > 0
     assert report["data"]["train_sequences"] + report["data"]["heldout_sequences"] == 48
     assert report["draft_vocab"]["size"] == 20
-    assert (out / "features" / "train" / "features.npy").is_file()  # 2 epochs: cached
+    assert (out / "features" / "train" / "chunk-00000.keys.json").is_file()  # 2 epochs: cached
     assert (out / "checkpoint" / "state.json").is_file()
     head = load_drafter(out)
     assert head.config.draft_vocab_size == 20 and head.config.exit_dim == 64

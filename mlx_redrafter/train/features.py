@@ -9,9 +9,9 @@ same forward whether they are cached or recomputed, and training is identical ei
 
 Two sources serve the rows of a :class:`~mlx_redrafter.train.objective.PositionTable`:
 
-* :class:`FeatureCache`: one pass over all groups writes ``(N, d)`` features to
-  ``features.npy`` (a memory-mapped ``.npy``, fp16 by default) next to a ``meta.json``
-  fingerprint; later runs with the same model, data and settings reuse it.
+* :class:`FeatureCache`: the states of every position of every sequence, in memory-mapped
+  ``.npy`` chunks on disk (fp16 by default) keyed by sequence content; later runs with the
+  same target reuse them and extract only sequences they have not seen.
 * :class:`StreamingFeatures`: features are computed group by group when a batch first
   needs them and forgotten a few groups later (no disk, one target forward per epoch).
 """
@@ -158,18 +158,39 @@ def data_fingerprint(sequences: Iterable[np.ndarray], table: PositionTable) -> s
     return digest.hexdigest()
 
 
+def sequence_key(tokens: np.ndarray) -> str:
+    """Content key of one (truncated) token sequence: the hex SHA-1 of its int32 ids."""
+    return hashlib.sha1(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
 class FeatureCache:
-    """``(N, d)`` features of a position table in a memory-mapped ``.npy`` on disk.
+    """Hidden states of whole sequences on disk, keyed by content, grown incrementally.
+
+    The directory holds ``meta.json`` (format, target fingerprint, dtype, width) and
+    *chunks*: ``chunk-NNNNN.npy`` ``(n_tokens, d)`` with the states of every position of
+    some sequences, and ``chunk-NNNNN.keys.json`` naming each sequence's key
+    (:func:`sequence_key`), first row and length. A chunk counts once its keys file exists
+    (written last), so an interrupted build keeps every finished chunk and a rerun extracts
+    only what is missing. Adding data to a distillation directory therefore extracts only
+    the new sequences; a different target (or dtype) starts a fresh store.
+
+    Missing sequences are extracted in the given extraction groups (restricted to the
+    missing members), so a store built in one go holds exactly what
+    :class:`StreamingFeatures` computes.
 
     Args:
-        path: Cache directory (holds ``features.npy`` and ``meta.json``).
+        path: Store directory.
         extractor: The target's :class:`HiddenExtractor`.
         sequences: The (truncated) token sequences the table was built from.
         table: The position table.
         groups: Extraction groups (:func:`extraction_groups`).
         dtype: ``"float16"`` or ``"float32"`` on disk.
-        progress: Show a progress bar while building.
+        progress: Show a progress bar while extracting.
+        chunk_tokens: Tokens per chunk file.
     """
+
+    FORMAT = "mlx-redrafter-features"
+    VERSION = 2
 
     def __init__(
         self,
@@ -180,57 +201,123 @@ class FeatureCache:
         groups: list[np.ndarray],
         dtype: str = "float16",
         progress: bool = True,
+        chunk_tokens: int = 1 << 18,
     ):
         self.path = Path(path)
+        self.dtype = dtype
+        self.chunk_tokens = chunk_tokens
         self.meta = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
             "target": extractor.fingerprint(),
-            "data": data_fingerprint(sequences, table),
-            "groups": hashlib.sha256(np.concatenate(groups).tobytes()).hexdigest(),
             "dtype": dtype,
-            "shape": [table.size, extractor_width(extractor, sequences)],
+            "width": extractor_width(extractor, sequences),
         }
-        self.built = False
-        if not self._valid():
-            self._build(extractor, sequences, table, groups, progress)
-            self.built = True
-        self.array = np.load(self.path / DATA_FILE, mmap_mode="r")
+        self._open_store()
+        keys = [sequence_key(tokens) for tokens in sequences]
+        missing = np.array([k not in self.index for k in keys], dtype=bool)
+        self.built = bool(missing.any())
+        if self.built:
+            todo = [g[missing[g]] for g in groups]
+            self._extract(extractor, sequences, keys, [g for g in todo if g.size], progress)
+        self.arrays = [np.load(f, mmap_mode="r") for f in self.chunk_files]
+        self._locate(keys, table)
 
-    def _valid(self) -> bool:
+    # -- the store ---------------------------------------------------------------------
+
+    def _open_store(self) -> None:
+        """Read the chunk index, or start an empty store if the meta does not match."""
+        self.path.mkdir(parents=True, exist_ok=True)
         meta_file = self.path / META_FILE
-        if not (meta_file.is_file() and (self.path / DATA_FILE).is_file()):
-            return False
-        return json.loads(meta_file.read_text()) == self.meta
+        stored = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        if stored != self.meta:
+            for old in [*self.path.glob("chunk-*"), self.path / DATA_FILE]:
+                old.unlink(missing_ok=True)
+            meta_file.write_text(json.dumps(self.meta, indent=2) + "\n")
+        self.chunk_files: list[Path] = []
+        self.index: dict[str, tuple[int, int, int]] = {}
+        for keys_file in sorted(self.path.glob("chunk-*.keys.json")):
+            data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
+            if not data_file.is_file():
+                continue
+            chunk = len(self.chunk_files)
+            self.chunk_files.append(data_file)
+            for key, first, length in json.loads(keys_file.read_text()):
+                self.index[key] = (chunk, int(first), int(length))
 
-    def _build(
+    def _write_chunk(self, entries: list[tuple[str, np.ndarray]]) -> None:
+        """Append one chunk: ``entries`` of ``(key, states (T, d))``."""
+        number = len(self.chunk_files)
+        while (self.path / f"chunk-{number:05d}.keys.json").exists():
+            number += 1
+        data_file = self.path / f"chunk-{number:05d}.npy"
+        tmp = data_file.with_suffix(".tmp.npy")
+        stacked = np.concatenate([h for _, h in entries]).astype(FEATURE_DTYPES[self.dtype])
+        np.save(tmp, stacked)
+        tmp.replace(data_file)
+        records, first = [], 0
+        for key, h in entries:
+            records.append([key, first, int(h.shape[0])])
+            first += int(h.shape[0])
+        keys_file = self.path / f"chunk-{number:05d}.keys.json"
+        keys_file.with_suffix(".tmp").write_text(json.dumps(records))
+        keys_file.with_suffix(".tmp").replace(keys_file)
+        chunk = len(self.chunk_files)
+        self.chunk_files.append(data_file)
+        for key, first, length in records:
+            self.index[key] = (chunk, first, length)
+
+    def _extract(
         self,
         extractor: HiddenExtractor,
         sequences: list[np.ndarray],
-        table: PositionTable,
+        keys: list[str],
         groups: list[np.ndarray],
         progress: bool,
     ) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / META_FILE).unlink(missing_ok=True)
-        out = np.lib.format.open_memmap(
-            self.path / DATA_FILE,
-            mode="w+",
-            dtype=FEATURE_DTYPES[self.meta["dtype"]],
-            shape=tuple(self.meta["shape"]),
+        """Run ``groups`` through the target, writing a chunk every ``chunk_tokens`` tokens."""
+        pending: list[tuple[str, np.ndarray]] = []
+        size = 0
+        bar = tqdm(
+            total=sum(len(sequences[i]) for g in groups for i in g),
+            desc="hidden states",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
         )
-        starts = sequence_row_starts(table, len(sequences))
-        for group in tqdm(groups, desc="hidden states", unit="group", disable=not progress):
-            rows, values = group_rows(extractor, sequences, table, starts, group)
-            out[rows] = values
-        out.flush()
-        del out
-        (self.path / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        for group in groups:
+            hidden = extractor([sequences[i] for i in group])
+            for i, h in zip(group.tolist(), hidden, strict=True):
+                if keys[i] not in self.index and all(k != keys[i] for k, _ in pending):
+                    pending.append((keys[i], h))
+                    size += h.shape[0]
+            bar.update(sum(h.shape[0] for h in hidden))
+            if size >= self.chunk_tokens:
+                self._write_chunk(pending)
+                pending, size = [], 0
+        if pending:
+            self._write_chunk(pending)
+        bar.close()
+
+    def _locate(self, keys: list[str], table: PositionTable) -> None:
+        """Chunk and chunk row of every table row."""
+        chunk_of = np.empty(len(keys), dtype=np.int32)
+        first_of = np.empty(len(keys), dtype=np.int64)
+        for i, key in enumerate(keys):
+            chunk_of[i], first_of[i], _ = self.index[key]
+        self.row_chunk = chunk_of[table.sequence]
+        self.row_offset = first_of[table.sequence] + table.position
 
     def rows(self, index: np.ndarray) -> mx.array:
-        """``(n, d)`` float32 features of rows ``index``."""
-        order = np.argsort(index)
-        values = np.empty((index.size, self.array.shape[1]), dtype=self.array.dtype)
-        values[order] = self.array[index[order]]
-        return mx.array(values).astype(mx.float32)
+        """``(n, d)`` float32 features of table rows ``index`` ``(n,)``."""
+        out = np.empty((index.size, self.meta["width"]), dtype=FEATURE_DTYPES[self.dtype])
+        chunks = self.row_chunk[index]
+        for chunk in np.unique(chunks):
+            mine = np.flatnonzero(chunks == chunk)
+            offsets = self.row_offset[index[mine]]
+            order = np.argsort(offsets)
+            out[mine[order]] = self.arrays[int(chunk)][offsets[order]]
+        return mx.array(out).astype(mx.float32)
 
 
 def extractor_width(extractor: HiddenExtractor, sequences: list[np.ndarray]) -> int:
