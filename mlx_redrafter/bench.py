@@ -33,9 +33,9 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
-from mlx_redrafter.drafters import PromptLookupDrafter, draft_model_drafter
+from mlx_redrafter.drafters import ParallelDrafter, PromptLookupDrafter, draft_model_drafter
 from mlx_redrafter.engine import StepStats, stream_generate
-from mlx_redrafter.prompts import Prompt, chat_tokens, load_prompts
+from mlx_redrafter.prompts import Prompt, balanced_subset, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
 
 
@@ -394,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="K for (c) and (d)")
-    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="at most N prompts, balanced over categories"
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile-prompts", type=int, default=3, help="prompts for the time split pass")
     p.add_argument("--seed", type=int, default=0)
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load(args.model, dtype=args.dtype)
         drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
-        items: list[Prompt] = load_prompts(args.prompts, args.num_prompts)
+        items: list[Prompt] = balanced_subset(load_prompts(args.prompts), args.num_prompts)
         params = SamplingParams(
             temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k
         )
@@ -450,10 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     methods += extra
     if drafter is not None:
         rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
+        label = "ParallelSpec" if isinstance(drafter, ParallelDrafter) else "ReDrafter"
         for width in args.beam_width:
             for length in args.beam_length:
                 for rule in rules if not params.greedy else ["exact"]:
-                    methods.append(Ours(model, tokenizer, params, drafter, width, length, rule))
+                    methods.append(
+                        Ours(model, tokenizer, params, drafter, width, length, rule, label=label)
+                    )
     tic = time.perf_counter()
     runs = run_interleaved(methods, prompts, categories, args.max_tokens, args.repeats, args.seed)
     split = profile_runs(methods, prompts[: args.profile_prompts], args.max_tokens)

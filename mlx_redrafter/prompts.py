@@ -48,6 +48,28 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     return prompts
 
 
+def balanced_subset(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
+    """At most ``limit`` prompts taken round-robin over categories, each in file order.
+
+    With one category this is the first ``limit`` prompts; with MT-Bench's eight, 40 prompts
+    are the first five of each category (so a short benchmark still covers all of them).
+    The result keeps the file's order.
+    """
+    if limit is None or limit >= len(prompts):
+        return list(prompts)
+    by_category: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_category.setdefault(prompt.category, []).append(i)
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < limit:
+        for members in by_category.values():
+            if rank < len(members) and len(chosen) < limit:
+                chosen.append(members[rank])
+        rank += 1
+    return [prompts[i] for i in sorted(chosen)]
+
+
 def _text(record: dict) -> str | None:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
