@@ -37,6 +37,7 @@ from mlx_redrafter.accept import (
 )
 from mlx_redrafter.cache import gather_path, set_length
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.hidden_window import HiddenWindow
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import Tree, pack
@@ -188,15 +189,22 @@ def accept(
 
 
 def prefill(
-    target: Target, prompt: list[int], cache: list, params: SamplingParams
+    target: Target, prompt: list[int], cache: list, params: SamplingParams, window: int = 1
 ) -> tuple[mx.array, mx.array]:
-    """Prompt pass: returns the first generated token ``()`` and the last hidden ``(d,)``."""
+    """Prompt pass: the first generated token ``()`` and the last hidden states ``(n, d)``.
+
+    ``n = 1`` for ``window = 1``; otherwise up to ``window`` rows: the last prompt
+    position's state after those of the last prefill chunk (oldest first).
+    """
     prompt_arr = mx.array(prompt, dtype=mx.int32)
+    tail: list[mx.array] = []
     for start in range(0, len(prompt) - 1, PREFILL_STEP):
-        target.forward(prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)], cache)
-        mx.eval([c.state for c in cache])
+        chunk = prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)]
+        _, hidden = target.forward(chunk, cache)
+        tail = [hidden[-(window - 1) :]] if window > 1 else []
+        mx.eval([c.state for c in cache], *tail)
     logits, hidden = target.forward(prompt_arr[-1:], cache)
-    return params.sample(logits[-1]).astype(mx.int32), hidden[-1]
+    return params.sample(logits[-1]).astype(mx.int32), mx.concatenate([*tail, hidden[-1:]])
 
 
 def speculative_tokens(
@@ -228,7 +236,10 @@ def speculative_tokens(
     drafter.reset(prompt)
     cache = target.make_cache()
     tokens = list(prompt)
-    root, hidden = prefill(target, prompt, cache, params)
+    window_size = int(getattr(drafter, "hidden_window", 1))
+    root, recent = prefill(target, prompt, cache, params, window_size)
+    hidden = recent[-1]
+    window = HiddenWindow.start(recent, window_size) if window_size > 1 else None
     mx.eval(root)
     tokens.append(int(root.item()))
     yield tokens[-1], False
@@ -238,7 +249,7 @@ def speculative_tokens(
         tic = time.perf_counter()
         if draft is None:
             # host drafters (and the first step): propose from the synchronised context
-            context = DraftContext(hidden, root, position, tokens, params)
+            context = _context(hidden, root, position, tokens, params, window)
             draft = drafter.propose(context, width, length)
             tic = stats.lap("draft", tic, draft.beams)
         num_cached = len(tokens) - 1  # the root is not in the cache yet
@@ -250,12 +261,14 @@ def speculative_tokens(
         gather_path(cache, result.path, num_cached)
         tic = stats.lap("compact", tic, *[c.state for c in cache])
         hidden, root = tree_hidden[result.last_node], result.next_root
+        if window is not None:
+            window = window.advance(tree_hidden[result.path], result.num_accepted)
         position = num_cached + 1 + result.num_accepted
         draft = None
         if pipelined:
             # the next draft starts from the lazy acceptance: no host sync in between
             draft = drafter.propose(
-                DraftContext(hidden, root, position, tokens, params), width, length
+                _context(hidden, root, position, tokens, params, window), width, length
             )
             tic = stats.lap("draft", tic, draft.beams)
         # the step's single host synchronisation
@@ -271,6 +284,20 @@ def speculative_tokens(
         tokens.extend(new)
         for i, token in enumerate(new):
             yield token, i < num
+
+
+def _context(
+    hidden: mx.array,
+    root: mx.array,
+    position: mx.array,
+    tokens: list[int],
+    params: SamplingParams,
+    window: HiddenWindow | None,
+) -> DraftContext:
+    """The :class:`DraftContext` of a proposal (with the recent hidden states if kept)."""
+    if window is None:
+        return DraftContext(hidden, root, position, tokens, params)
+    return DraftContext(hidden, root, position, tokens, params, window.rows, window.count)
 
 
 def _draft_arrays(draft: Draft | None) -> list[mx.array]:

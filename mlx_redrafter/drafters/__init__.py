@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import mlx.nn as nn
 
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
+from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
+from mlx_redrafter.drafters.parallel import ParallelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.redrafter import ReDrafter
 from mlx_redrafter.drafters.slem import SlemDrafter
@@ -19,16 +22,33 @@ from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 DRAFT_METHODS = ("same", "tli", "slem")
 
 
+def head_kind(path: str | Path) -> str:
+    """``"parallel"`` for a parallel head directory, else ``"redrafter"`` (by ``model_type``)."""
+    file = Path(path) / "config.json"
+    if file.is_file():
+        try:
+            model_type = json.loads(file.read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+        if model_type == PARALLEL_MODEL_TYPE:
+            return "parallel"
+    return "redrafter"
+
+
 def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     """Open a drafter directory for target ``model``, checked against it.
 
-    Today a drafter directory is a ReDrafter head (``model_type:
-    recurrent_drafting_drafter``); ``kwargs`` go to :class:`ReDrafter`. (The head module
-    itself is :func:`mlx_redrafter.drafters.redrafter.load_drafter`.)
+    The directory's ``config.json`` names the head: a ReDrafter head (``model_type:
+    recurrent_drafting_drafter``, :class:`ReDrafter`) or a parallel head (``model_type:
+    parallel_spec_drafter``, :class:`ParallelDrafter`); ``kwargs`` go to the drafter.
+    (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
+    and :func:`mlx_redrafter.drafters.parallel.load_head`.)
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"drafter not found: {path}")
+    if head_kind(path) == "parallel":
+        return ParallelDrafter.from_model(model, path, **kwargs)
     return ReDrafter.from_model(model, path, **kwargs)
 
 
@@ -59,10 +79,12 @@ __all__ = [
     "DraftModelDrafter",
     "DRAFT_METHODS",
     "Drafter",
+    "ParallelDrafter",
     "PromptLookupDrafter",
     "ReDrafter",
     "SlemDrafter",
     "VocabularyMismatchError",
     "draft_model_drafter",
+    "head_kind",
     "load_drafter",
 ]

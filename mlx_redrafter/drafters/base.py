@@ -46,6 +46,12 @@ class DraftContext:
         params: The target's sampling settings. Drafters that sample (draft models at
             ``temp > 0``) draw from their own logits under the same transforms, which
             keeps the proposal ``q`` close to the target's ``p``.
+        recent_hidden: ``(C, d)`` hidden states of the last ``C`` accepted positions,
+            oldest first, the last row equal to ``hidden`` (lazy); only for drafters that
+            declare ``hidden_window = C > 1`` (see :mod:`mlx_redrafter.hidden_window`),
+            else ``None``.
+        recent_count: ``()`` int32, how many of the last rows of ``recent_hidden`` are
+            real (lazy; the front rows are padding early in a sequence), or ``None``.
     """
 
     hidden: mx.array
@@ -53,6 +59,8 @@ class DraftContext:
     position: mx.array
     tokens: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    recent_hidden: mx.array | None = None
+    recent_count: mx.array | None = None
 
 
 @dataclass
@@ -80,7 +88,12 @@ class Draft:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Anything that proposes beams for the engine to verify."""
+    """Anything that proposes beams for the engine to verify.
+
+    An optional attribute ``hidden_window: int`` (``C``; 1 when absent) asks the engine
+    for the hidden states of the last ``C`` accepted positions in
+    ``DraftContext.recent_hidden`` (the parallel head reads them).
+    """
 
     #: ``True`` if, whenever ``Draft.draft_logprobs`` is set, the drafts are *sampled*
     #: from it (draft models at T > 0; verified by the chain rule); ``False`` for
