@@ -90,8 +90,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 HEAD_DIR = "head"
 REPORT_FILE = "training.json"
 SCHEDULES = ("cosine", "linear", "constant")
+#: Kinds of draft head ``fit`` trains (``--head``).
+HEADS = ("redrafter", "parallel")
 #: Options that must match between a checkpoint and the run resuming it.
 RESUME_KEYS = (
+    "head",
+    "context",
     "num_draft_layers",
     "rnn",
     "exit_dim",
@@ -151,9 +155,24 @@ class FitOptions:
     shuffle_pool: int = 8
     extract_tokens: int = 4096
     save_dtype: str = "float32"
+    head: str = "redrafter"
+    k: int | None = None
+    context: int = 4
+
+    def __post_init__(self) -> None:
+        if self.k is not None:
+            self.beam_length = self.k + 1
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
+        if self.head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}")
+        if self.k is not None and self.k < 1:
+            raise ValueError("--k must be >= 1")
+        if self.context < 1:
+            raise ValueError("--context must be >= 1")
+        if self.head == "parallel" and self.soft_targets > 0:
+            raise ValueError("--soft-targets is implemented for --head redrafter only")
         positive = ("num_draft_layers", "epochs", "batch_size", "grad_accum", "max_seq_len")
         for name in positive:
             if getattr(self, name) < 1:
@@ -395,7 +414,7 @@ class Trainer:
         resumed = self._resume_head() if options.resume else None
         if resumed is None:
             vocab, self.coverage = choose_vocab(train, embedding_dims(self.embedding)[0], options)
-            self.head = build_head(embedding_dims(self.embedding), options, vocab)
+            self.head = self._new_head(vocab)
         else:
             self.head, vocab, self.coverage = resumed
         self.vocab = vocab
@@ -427,6 +446,20 @@ class Trainer:
         self.timings: dict[str, float] = {}
         self.last_eval: EvalResult | None = None
         self._batches: np.ndarray | None = None
+
+    # -- the head (overridden by other head kinds) --------------------------------------
+
+    def _new_head(self, vocab: DraftVocab | None) -> ReDrafterHead:
+        """A freshly initialised head (seeded by ``options.seed``)."""
+        return build_head(embedding_dims(self.embedding), self.options, vocab)
+
+    def _load_head(self, path: Path) -> ReDrafterHead:
+        """The head saved in ``path`` (a checkpoint), in float32."""
+        return load_drafter(path, model=self.embedding, dtype=mx.float32)
+
+    def _save_head(self, path: Path, dtype: mx.Dtype | None = None) -> None:
+        """Write the head to ``path`` (floating tensors in ``dtype``; default: as trained)."""
+        save_drafter(self.head, path, dtype=dtype)
 
     # -- compiled pieces ---------------------------------------------------------------
 
@@ -581,7 +614,7 @@ class Trainer:
                     f"{k} ({saved['options'].get(k)!r} -> {mine.get(k)!r})" for k in changed
                 )
             )
-        head = load_drafter(path / HEAD_DIR, model=self.embedding, dtype=mx.float32)
+        head = self._load_head(path / HEAD_DIR)
         vocab = None
         if head.draft_vocab is not None:
             vocab = DraftVocab(
@@ -602,7 +635,7 @@ class Trainer:
         tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_drafter(self.head, tmp / HEAD_DIR)
+        self._save_head(tmp / HEAD_DIR)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(self.optimizer.state)))
         state = {
             "step": self.state.step,
@@ -725,7 +758,7 @@ class Trainer:
 
     def write_outputs(self, result: FitResult) -> Path:
         """Save the head and ``training.json`` into the output directory."""
-        save_drafter(self.head, self.out, dtype=getattr(mx, self.options.save_dtype))
+        self._save_head(self.out, getattr(mx, self.options.save_dtype))
         report = {
             "options": asdict(self.options),
             "data": {
@@ -810,6 +843,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--heldout-fraction", type=float, default=0.02, help="share of prompts held out")
     p.add_argument("--out", required=True, help="output head directory")
     head = p.add_argument_group("head")
+    head.add_argument(
+        "--head",
+        choices=HEADS,
+        default="redrafter",
+        help="recurrent ReDrafter head, or a parallel (ParallelSpec) head drafting k tokens "
+        "in one pass",
+    )
+    head.add_argument("--k", type=int, default=None, help="tokens drafted (sets --beam-length K+1)")
+    head.add_argument(
+        "--context", type=int, default=4, help="parallel head: hidden states read (C)"
+    )
     head.add_argument("--num-draft-layers", type=int, default=2)
     head.add_argument("--rnn", action=argparse.BooleanOptionalAction, default=True)
     head.add_argument("--exit-dim", type=int, default=None, help="default: 2 * hidden size")
@@ -884,6 +928,15 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
     return options
 
 
+def trainer_class(options: FitOptions) -> type[Trainer]:
+    """The trainer of ``options.head``."""
+    if options.head == "parallel":
+        from mlx_redrafter.train.parallel_fit import ParallelTrainer
+
+        return ParallelTrainer
+    return Trainer
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fit``; one ``error:`` line on stderr and exit code 2 on bad input."""
     from mlx_redrafter.models import ModelLoadError, load
@@ -895,7 +948,9 @@ def run(args: argparse.Namespace) -> int:
         data = read_distilled(args.data, args.heldout_fraction)
         model, _ = load(args.model or data.model, dtype=args.dtype)
         model.freeze()
-        trainer = Trainer(model, data.train, data.heldout, options, progress=not args.quiet)
+        trainer = trainer_class(options)(
+            model, data.train, data.heldout, options, progress=not args.quiet
+        )
     except (ValueError, OSError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
