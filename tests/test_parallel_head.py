@@ -154,6 +154,13 @@ def test_packed_groups_equal_per_position_examples_and_a_leak_breaks_it():
         embed(tokens[mx.array(anchors) + 1]),
     )
     np.testing.assert_allclose(packed, np.array(per_position), rtol=1e-4, atol=1e-4)
+    first_two = head.logits(
+        hidden[mx.array(np.maximum(index, 0))],
+        mx.array(index >= 0),
+        embed(tokens[mx.array(anchors) + 1]),
+        depths=2,
+    )
+    np.testing.assert_allclose(np.array(first_two), np.array(per_position)[:, :2], atol=1e-5)
     leaked = head.outputs(items, positions, leak_across_groups(group, window)[None])
     leaked = np.array(leaked[0])[is_mask].reshape(len(anchors), k, -1)
     assert np.abs(leaked - np.array(per_position)).max() > 1e-2

@@ -267,20 +267,28 @@ class ParallelHead(nn.Module):
         """
         return self.lm_head(self.norm(self.layer(items, positions, visible)))
 
-    def logits(self, hidden: mx.array, valid: mx.array, root_embedding: mx.array) -> mx.array:
-        """Draft logits ``(B, k, K)`` of ``x_{t+2} .. x_{t+k+1}`` for ``B`` anchors.
+    def logits(
+        self,
+        hidden: mx.array,
+        valid: mx.array,
+        root_embedding: mx.array,
+        depths: int | None = None,
+    ) -> mx.array:
+        """Draft logits ``(B, D, K)`` of ``x_{t+2} .. x_{t+D+1}`` for ``B`` anchors.
 
         Args:
             hidden: ``(B, C, d)`` hidden states ``h_{t-C+1} .. h_t``, oldest first.
             valid: ``(B, C)`` bool, slots holding a real state.
             root_embedding: ``(B, d)`` target embedding of ``g0 = x_{t+1}``.
+            depths: ``D <= k`` depths to project onto the vocabulary (default ``k``).
         """
         k = self._config.num_masks
         group, window = example_layout(valid, k)
         visible = group_attention_mask(group, window)
         items = self.example_items(hidden, root_embedding)
-        x = self.layer(items, self.example_positions(), visible)[:, -k:]
-        return self.lm_head(self.norm(x))
+        first = self._config.context + 1
+        x = self.layer(items, self.example_positions(), visible)
+        return self.lm_head(self.norm(x[:, first : first + (depths or k)]))
 
     def to_target_ids(self, ids: mx.array) -> mx.array:
         """Map draft-vocabulary ids ``(...)`` in ``[0, K)`` to target ids ``(...)``."""
@@ -422,8 +430,8 @@ def draft_pass(
     valid = mx.arange(c) >= c - mx.minimum(count, min(n, c))
     root = root.reshape(1).astype(mx.int32)
     embedded = embedding(root).astype(head.dtype)
-    logits = head.logits(recent[None].astype(head.dtype), valid[None], embedded)[0]
-    logprobs = nn.log_softmax(logits[: length - 1].astype(mx.float32), axis=-1)
+    logits = head.logits(recent[None].astype(head.dtype), valid[None], embedded, length - 1)[0]
+    logprobs = nn.log_softmax(logits.astype(mx.float32), axis=-1)
     paths, _, keep = factorized_tree(logprobs, width, budget)
     beams = mx.concatenate(
         [mx.broadcast_to(root[None], (width, 1)), head.to_target_ids(paths)], axis=1
