@@ -451,6 +451,8 @@ class Trainer:
 
     def _new_head(self, vocab: DraftVocab | None) -> ReDrafterHead:
         """A freshly initialised head (seeded by ``options.seed``)."""
+        if self.options.head != "redrafter":
+            raise ValueError(f"--head {self.options.head}: use trainer_class(options)")
         return build_head(embedding_dims(self.embedding), self.options, vocab)
 
     def _load_head(self, path: Path) -> ReDrafterHead:
