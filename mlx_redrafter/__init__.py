@@ -11,6 +11,7 @@ BLAS = ensure_openblas()
 # isort: split
 from mlx_redrafter.cli import DEFAULT_HEAD  # noqa: E402
 from mlx_redrafter.drafters import (  # noqa: E402
+    CombinedDrafter,
     Draft,
     DraftContext,
     Drafter,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLAS",
+    "CombinedDrafter",
     "DEFAULT_HEAD",
     "Draft",
     "DraftContext",

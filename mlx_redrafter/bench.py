@@ -7,7 +7,8 @@ prompt to prompt) so that machine drift cancels out of the ratios:
 (c) mlx-lm's draft-model speculative decoding and ours with the same draft model
     (``--draft-model``, ``--num-draft-tokens``)
 (d) prompt lookup (``--prompt-lookup``, ``--ngram``, ``--num-draft-tokens``; one chain)
-(e) ReDrafter at every ``--beam-width`` x ``--beam-length``
+(e) ReDrafter at every ``--beam-width`` x ``--beam-length``, with each ``--lookup-beams``
+    count of prompt-lookup beams in the same tree (0 = the head alone)
 
 Reported per method: generation tokens/s (median, min, max), the speedup over (a) as the
 median of per-prompt ratios, tokens per step, acceptance by depth, the step's time split
@@ -33,6 +34,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
+from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, with_lookup
 from mlx_redrafter.drafters import ParallelDrafter, PromptLookupDrafter, draft_model_drafter
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, balanced_subset, chat_tokens, load_prompts
@@ -154,9 +156,10 @@ class Ours(Method):
             self.depth = length - 1
 
     def generate(self, prompt, max_tokens, stats):
-        if hasattr(self.drafter, "keep_logprobs"):
+        head = getattr(self.drafter, "primary", self.drafter)  # a CombinedDrafter's head
+        if hasattr(head, "keep_logprobs"):
             # only the ReDrafter rule needs the head's log-probs; don't pay for them otherwise
-            self.drafter.keep_logprobs = self.acceptance == "redrafter" and not self.params.greedy
+            head.keep_logprobs = self.acceptance == "redrafter" and not self.params.greedy
         return stream_generate(
             self.model,
             self.tokenizer,
@@ -368,6 +371,27 @@ def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -
     return methods
 
 
+def head_methods(args: argparse.Namespace, model, tokenizer, params, head) -> list[Method]:
+    """Method (e): the head at every beam shape, rule and ``--lookup-beams`` count."""
+    rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
+    if params.greedy:
+        rules = ["exact"]
+    label = "ParallelSpec" if isinstance(head, ParallelDrafter) else "ReDrafter"
+    methods: list[Method] = []
+    for lookup in args.lookup_beams:
+        for rule in rules:
+            if lookup and rule == "redrafter":
+                continue  # the ReDrafter rule needs the head's own log-probabilities
+            drafter = with_lookup(head, lookup, args.ngram)
+            name = f"{label} + lookup {lookup}" if lookup else label
+            for width in args.beam_width:
+                for length in args.beam_length:
+                    methods.append(
+                        Ours(model, tokenizer, params, drafter, width, length, rule, label=name)
+                    )
+    return methods
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The bench's argument parser."""
     p = argparse.ArgumentParser(
@@ -393,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
+    p.add_argument(
+        "--lookup-beams",
+        type=parse_ints,
+        default=[DEFAULT_LOOKUP_BEAMS],
+        help="prompt-lookup beams added to the head's tree, e.g. 0,1 (0 = the head alone)",
+    )
     p.add_argument("--num-draft-tokens", type=int, default=3, help="K for (c) and (d)")
     p.add_argument(
         "--num-prompts", type=int, default=None, help="at most N prompts, balanced over categories"
@@ -451,14 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         methods.append(Ours(model, tokenizer, params))
     methods += extra
     if drafter is not None:
-        rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
-        label = "ParallelSpec" if isinstance(drafter, ParallelDrafter) else "ReDrafter"
-        for width in args.beam_width:
-            for length in args.beam_length:
-                for rule in rules if not params.greedy else ["exact"]:
-                    methods.append(
-                        Ours(model, tokenizer, params, drafter, width, length, rule, label=label)
-                    )
+        methods += head_methods(args, model, tokenizer, params, drafter)
     tic = time.perf_counter()
     runs = run_interleaved(methods, prompts, categories, args.max_tokens, args.repeats, args.seed)
     split = profile_runs(methods, prompts[: args.profile_prompts], args.max_tokens)

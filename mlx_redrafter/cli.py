@@ -11,6 +11,8 @@ import mlx.core as mx
 SHIPPED_HEADS = Path(__file__).parent / "heads"
 DEFAULT_HEAD = SHIPPED_HEADS / "smollm2-135m-instruct"
 DEFAULT_SHAPE = (1, 4)
+#: Prompt-lookup beams added to a draft head's tree when ``--lookup-beams`` is not given.
+DEFAULT_LOOKUP_BEAMS = 1
 #: Drafted tokens per step when ``--num-draft-tokens`` is not given.
 DEFAULT_DRAFT_TOKENS = {"draft-model": 3, "prompt-lookup": 5}
 
@@ -54,6 +56,30 @@ def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "
     return load_drafter(path, model, keep_logprobs=acceptance != "exact")
 
 
+def with_lookup(drafter, lookup_beams: int, ngram: int):
+    """``drafter`` plus ``lookup_beams`` prompt-lookup beams in one tree (0: ``drafter``)."""
+    if lookup_beams < 0:
+        raise CLIError(f"--lookup-beams must be >= 0, got {lookup_beams}")
+    if drafter is None or lookup_beams == 0:
+        return drafter
+    from mlx_redrafter.drafters import CombinedDrafter, PromptLookupDrafter
+
+    return CombinedDrafter(drafter, [(PromptLookupDrafter(ngram=ngram), lookup_beams)])
+
+
+def lookup_beams_for(requested: int | None, acceptance: str) -> int:
+    """``--lookup-beams``: 1 by default, 0 under the ReDrafter rule (it needs the head's
+    log-probabilities, which a combined tree does not have)."""
+    if acceptance == "redrafter":
+        if requested:
+            raise CLIError(
+                "--acceptance redrafter needs the head's own log-probabilities: "
+                "use --lookup-beams 0"
+            )
+        return 0
+    return DEFAULT_LOOKUP_BEAMS if requested is None else requested
+
+
 def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
     """``--prompt-lookup [--ngram N]`` / ``--draft-model PATH`` and ``--num-draft-tokens K``."""
     kind = parser.add_mutually_exclusive_group()
@@ -74,6 +100,12 @@ def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"
+    )
+    parser.add_argument(
+        "--lookup-beams",
+        type=int,
+        default=None,
+        help="prompt-lookup beams added to a draft head's tree (1; 0 = the head alone)",
     )
     parser.add_argument(
         "--num-draft-tokens",
@@ -97,6 +129,8 @@ def drafter_kind(args: argparse.Namespace) -> str:
             raise CLIError(f"--{kind} takes --num-draft-tokens K, not --beam-length")
     elif args.num_draft_tokens is not None:
         raise CLIError("--num-draft-tokens needs --prompt-lookup or --draft-model")
+    if kind != "head" and getattr(args, "lookup_beams", None) is not None:
+        raise CLIError("--lookup-beams adds prompt lookup to a draft head (--drafter)")
     if kind != "draft-model" and args.draft_method != "same":
         raise CLIError("--draft-method needs --draft-model")
     return kind
@@ -108,12 +142,14 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     ``--prompt-lookup``: :class:`PromptLookupDrafter`, ``W`` = ``--beam-width`` (1),
     ``L = K + 1``. ``--draft-model``: :func:`draft_model_drafter` (``--draft-method``),
     ``W = 1``, ``L = K + 1``.
-    Otherwise ``--drafter`` (a ReDrafter head) with :func:`beam_shape`.
+    Otherwise ``--drafter`` (a ReDrafter or parallel head) with :func:`beam_shape`, plus
+    ``--lookup-beams`` prompt-lookup beams in the same tree (:class:`CombinedDrafter`).
     """
     kind = drafter_kind(args)
     if kind == "head":
         drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
-        return drafter, beam_shape(args)
+        lookup = lookup_beams_for(args.lookup_beams, acceptance)
+        return with_lookup(drafter, lookup, args.ngram), beam_shape(args)
     num_draft = args.num_draft_tokens
     if num_draft is None:
         num_draft = DEFAULT_DRAFT_TOKENS[kind]

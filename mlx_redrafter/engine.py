@@ -12,7 +12,9 @@ Everything in a step is lazy until the single host synchronisation that reads th
 length. Pipelined drafters (ReDrafter) propose the next step's beams from the lazy
 acceptance before that synchronisation, so their beams are read in it too; host drafters
 (``needs_host_tokens``: prompt lookup, draft models) propose right after it, from the
-complete token list.
+complete token list. A drafter with both kinds of parts (``CombinedDrafter``: a head plus
+prompt lookup) proposes its pipelined part before the synchronisation and adds the rest
+in ``complete(draft, context, W, L)`` right after it.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ def speculative_tokens(
         raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
     pipelined = not getattr(drafter, "needs_host_tokens", False)
     stochastic = bool(getattr(drafter, "stochastic", False))
+    completes = callable(getattr(drafter, "complete", None))
     drafter.reset(prompt)
     cache = target.make_cache()
     tokens = list(prompt)
@@ -247,10 +250,13 @@ def speculative_tokens(
     draft = None
     while True:
         tic = time.perf_counter()
-        if draft is None:
+        if draft is None or completes:
             # host drafters (and the first step): propose from the synchronised context
             context = _context(hidden, root, position, tokens, params, window)
-            draft = drafter.propose(context, width, length)
+            if draft is None:
+                draft = drafter.propose(context, width, length)
+            if completes:
+                draft = drafter.complete(draft, context, width, length)
             tic = stats.lap("draft", tic, draft.beams)
         num_cached = len(tokens) - 1  # the root is not in the cache yet
         tree = pack(*_host_draft(draft))

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.nn as nn
 
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
+from mlx_redrafter.drafters.combined import CombinedDrafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
 from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
 from mlx_redrafter.drafters.parallel import ParallelDrafter
@@ -74,6 +75,7 @@ def draft_model_drafter(
 
 
 __all__ = [
+    "CombinedDrafter",
     "Draft",
     "DraftContext",
     "DraftModelDrafter",

@@ -93,6 +93,13 @@ class Drafter(Protocol):
     An optional attribute ``hidden_window: int`` (``C``; 1 when absent) asks the engine
     for the hidden states of the last ``C`` accepted positions in
     ``DraftContext.recent_hidden`` (the parallel head reads them).
+
+    An optional method ``complete(draft, context, width, length) -> Draft`` is called by
+    the engine right after each step's host synchronisation, with ``context.tokens``
+    complete, on the draft :meth:`propose` returned (before the synchronisation, for a
+    pipelined drafter); it returns the draft to verify. A drafter with a pipelined part and
+    a host part (:class:`~mlx_redrafter.drafters.combined.CombinedDrafter`) adds its host
+    beams there, so the step keeps a single synchronisation.
     """
 
     #: ``True`` if, whenever ``Draft.draft_logprobs`` is set, the drafts are *sampled*
