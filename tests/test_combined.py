@@ -296,3 +296,50 @@ def test_longest_of_separate_walks_fails_the_same_test(setup):
     root, draws = _two_tokens(setup, params, per_member=True)
     p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
     assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+def test_simulated_head_plus_lookup_matches_the_engine_step_for_step():
+    """``train evaluate --lookup-beams 1`` simulates what the engine does: greedy decoding
+    of a tiny target's own responses with a random head + one lookup beam (W = 1, L = 4)
+    accepts, at every step, the longer of the head's and the lookup's simulated runs."""
+    from test_train import greedy_responses
+
+    from mlx_redrafter.engine import StepStats, speculative_tokens
+    from mlx_redrafter.sampling import SamplingParams
+    from mlx_redrafter.target import Target
+    from mlx_redrafter.train.evaluate import beam_accepted, decode_walks, lookup_accepted
+    from mlx_redrafter.train.score import teacher_forced
+
+    model = tiny_model("llama", seed=7)
+    target = Target(model)
+    data = greedy_responses(target, 6, 40)  # tiny random targets loop: lookup finds repeats
+    head = ReDrafter.from_model(
+        model, _random_head(model.args.vocab_size, model.args.hidden_size, seed=2)
+    )
+    table, features = teacher_forced(model, data, 4)
+    rows = np.flatnonzero(table.at_inference)
+    heads = np.zeros(table.size, dtype=np.int64)
+    heads[rows] = beam_accepted(
+        head.head, head.searcher.embedding, mx.array(features[rows]), table.windows[rows],
+        table.in_loss[rows], 1,
+    )  # fmt: skip
+    lookup = lookup_accepted(table, [t for t, _ in data], ngram=3, width=1)
+    assert (lookup > heads).any()  # the lookup beam wins somewhere: the max matters
+    walks = decode_walks(table, np.maximum(heads, lookup))
+    combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1)])
+    for (tokens, start), walk in zip(data, walks, strict=True):
+        stats, emitted = StepStats(), []
+        for token, _ in speculative_tokens(
+            target, combined, tokens[:start].tolist(), SamplingParams(), 1, 4, stats
+        ):
+            emitted.append(token)
+            if len(emitted) >= tokens.size - start:
+                break
+        assert emitted == tokens[start:].tolist()
+        t = start - 1
+        for engine, simulated in zip(stats.accepted, walk, strict=False):
+            assert simulated == min(engine, tokens.size - 2 - t)
+            t += 1 + simulated

@@ -482,13 +482,20 @@ def test_resume_refuses_changed_options(model, tmp_path):
 
 
 def test_cached_and_streamed_features_train_identically(model, tmp_path):
+    """The same loss curve from cached and streamed features.
+
+    Equal up to float32 rounding, not bit for bit: OpenBLAS on some CPUs (seen on AMD Zen)
+    rounds the same product differently depending on its buffers' alignment, so two runs
+    of the same forward can differ in the last bits. Wrong rows would differ by far more.
+    """
     data = second_order_language(24, seed=4)
     losses = []
     for cache in (None, str(tmp_path / "cache")):
         options = base_options(tmp_path / str(cache is None), epochs=1, feature_cache=cache)
         result = Trainer(model, data, [], options, progress=False).fit()
         losses.append([e["loss"] for e in result.state.history])
-    assert losses[0] == losses[1]
+    assert len(losses[0]) == len(losses[1]) > 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -580,9 +587,17 @@ def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tm
     capsys.readouterr()
     report = tmp_path / "scores.json"
     argv = ["evaluate", "--head", str(head), "--data", str(data), "--beam-length", "4"]
-    assert main([*argv, "--beam-widths", "1,2", "--json", str(report)]) == 0
-    assert "| math |" in capsys.readouterr().out
+    assert main([*argv, "--beam-widths", "1,2", "--lookup-beams", "1", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "| math |" in out and "W2 + lookup 1" in out
     rows = {r["name"]: r for r in json.loads(report.read_text())}
+    # with lookup beams too, the categories' decoding walks add up to the total's
+    for key in ("decode_tokens_per_step_with_lookup", "decode_tokens_per_step_lookup_only"):
+        steps = {
+            k: r["response_tokens"] / (r[key]["2"] if isinstance(r[key], dict) else r[key])
+            for k, r in rows.items()
+        }
+        assert steps["math"] + steps["writing"] == pytest.approx(steps["all"], rel=1e-6)
     assert set(rows) == {"all", "math", "writing"}
     assert rows["math"]["sequences"] == cats.count("math") and rows["all"]["sequences"] == 24
     # categories partition the decoding walks: their tokens and steps add up to the total

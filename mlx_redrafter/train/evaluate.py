@@ -14,6 +14,8 @@ target outside a reduced draft vocabulary always counts as a miss.
   end of the sequence). For ``W > 1`` the drafts come from the engine's own beam search
   (:func:`~mlx_redrafter.drafters.beam_search.beam_search`, vectorised over positions) and
   the longest right run over all beams counts.
+* With prompt lookup in the same tree (:func:`lookup_accepted`, the engine's
+  ``CombinedDrafter``), a row accepts the longer of the two runs.
 * ``decode_tokens_per_step[W]``: tokens per target call of greedy decoding along each
   held-out response: start at ``t = r - 1``, emit ``1 + a_t`` tokens, jump to
   ``t + 1 + a_t``. This is what the engine reports for a target that reproduces the
@@ -62,6 +64,9 @@ class EvalResult:
     positions: int
     tokens_per_step: dict[int, float] = field(default_factory=dict)
     decode_tokens_per_step: dict[int, float] = field(default_factory=dict)
+    #: ``(N,)`` accepted drafts at every row, by beam width (for combining with other
+    #: drafters, see :func:`lookup_accepted`; not serialised).
+    accepted: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-friendly form."""
@@ -233,4 +238,33 @@ def evaluate(
             for w, a in accepted.items()
         },
         decode_tokens_per_step={w: decode_tokens_per_step(table, a) for w, a in accepted.items()},
+        accepted=accepted,
     )
+
+
+def lookup_accepted(
+    table: PositionTable, sequences: list[np.ndarray], ngram: int, width: int
+) -> np.ndarray:
+    """``(N,)`` drafts prompt lookup gets accepted at every row the engine can meet.
+
+    At row ``t`` of sequence ``s`` the lookup sees ``sequences[s][: t + 2]`` (up to the root
+    ``g0 = x_{t+1}``), proposes ``width`` beams of ``table.length`` tokens
+    (:func:`~mlx_redrafter.drafters.prompt_lookup.lookup_beams`) and the longest valid run
+    equal to the sequence counts. Rows the engine never meets stay 0.
+
+    Args:
+        table: Positions.
+        sequences: ``(T_i,)`` token ids of every sequence the table indexes.
+        ngram: Longest n-gram matched.
+        width: Lookup beams.
+    """
+    from mlx_redrafter.drafters.prompt_lookup import lookup_beams
+
+    accepted = np.zeros(table.size, dtype=np.int64)
+    for row in np.flatnonzero(table.at_inference):
+        tokens = np.asarray(sequences[int(table.sequence[row])], dtype=np.int64)
+        seen = tokens[: int(table.position[row]) + 2]
+        beams, valid = lookup_beams(seen, ngram, width, table.length)
+        right = (beams[:, 1:] == table.windows[row, 1:]) & valid[:, 1:] & table.in_loss[row]
+        accepted[row] = leading_run(right).max()
+    return accepted

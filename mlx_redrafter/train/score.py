@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,12 @@ from mlx_redrafter.drafters.redrafter import (
     find_input_embedding,
     load_drafter,
 )
-from mlx_redrafter.train.evaluate import EvalResult, evaluate
+from mlx_redrafter.train.evaluate import (
+    EvalResult,
+    decode_tokens_per_step,
+    evaluate,
+    lookup_accepted,
+)
 from mlx_redrafter.train.features import HiddenExtractor, dense_features, extraction_groups
 from mlx_redrafter.train.objective import PositionTable, build_position_table
 
@@ -44,16 +49,27 @@ class Scored:
     response_tokens: int
     coverage: float
     result: EvalResult
+    #: Tokens per step of greedy decoding with the head's ``W`` beams plus prompt-lookup
+    #: beams in one tree, by ``W`` (empty without ``--lookup-beams``).
+    with_lookup: dict[int, float] = field(default_factory=dict)
+    #: Tokens per step of prompt lookup alone (``nan`` without ``--lookup-beams``).
+    lookup_only: float = float("nan")
 
     def to_dict(self) -> dict:
         """JSON-friendly form."""
-        return {
+        out = {
             "name": self.name,
             "sequences": self.sequences,
             "response_tokens": self.response_tokens,
             "coverage": self.coverage,
             **self.result.to_dict(),
         }
+        if self.with_lookup:
+            out["decode_tokens_per_step_with_lookup"] = {
+                str(w): v for w, v in self.with_lookup.items()
+            }
+            out["decode_tokens_per_step_lookup_only"] = self.lookup_only
+        return out
 
 
 def coverage(head: ReDrafterHead, responses: list[np.ndarray]) -> float:
@@ -83,6 +99,8 @@ def score(
     features: np.ndarray,
     beam_widths: tuple[int, ...] = (),
     name: str = "all",
+    lookup_beams: int = 0,
+    ngram: int = 3,
 ) -> Scored:
     """Score ``head`` over ``sequences`` (``(tokens (T,), response_start)`` pairs).
 
@@ -94,16 +112,26 @@ def score(
         features: ``(N, d)`` hidden states of the table's rows.
         beam_widths: Beam widths ``W > 1`` simulated besides ``W = 1``.
         name: Label of the group.
+        lookup_beams: Prompt-lookup beams added to the head's tree (0: the head alone).
+        ngram: Longest n-gram prompt lookup matches.
     """
     result = evaluate(head, embedding, table, features, None, beam_widths=beam_widths)
     responses = [np.asarray(t)[s:] for t, s in sequences]
-    return Scored(
+    scored = Scored(
         name,
         len(sequences),
         int(sum(r.size for r in responses)),
         coverage(head, responses),
         result,
     )
+    if lookup_beams > 0:
+        lookup = lookup_accepted(table, [t for t, _ in sequences], ngram, lookup_beams)
+        scored.lookup_only = decode_tokens_per_step(table, lookup)
+        scored.with_lookup = {
+            w: decode_tokens_per_step(table, np.maximum(a, lookup))
+            for w, a in result.accepted.items()
+        }
+    return scored
 
 
 def subset(
@@ -133,18 +161,25 @@ def categories_of(meta: dict, count: int) -> list[str] | None:
     return [p.category for p in prompts]
 
 
-def format_table(rows: list[Scored], widths: list[int]) -> str:
-    """Markdown table: one row per group, tokens per step per beam width."""
-    head = "| group | seqs | tokens | coverage | top-1 by depth | " + " | ".join(
-        f"tok/step W{w}" for w in widths
-    )
-    lines = [head + " |", "|" + "---|" * (5 + len(widths))]
+def format_table(rows: list[Scored], widths: list[int], lookup_beams: int = 0) -> str:
+    """Markdown table: one row per group, tokens per step per beam width (and with
+    ``lookup_beams`` prompt-lookup beams in the tree, and lookup alone, when given)."""
+    names = [f"tok/step W{w}" for w in widths]
+    if lookup_beams:
+        names += [f"W{w} + lookup {lookup_beams}" for w in widths] + ["lookup alone"]
+    lines = [
+        "| group | seqs | tokens | coverage | top-1 by depth | " + " | ".join(names) + " |",
+        "|" + "---|" * (5 + len(names)),
+    ]
     for row in rows:
         top1 = " ".join(f"{a:.2f}" for a in row.result.topk[:, 0])
-        per_w = " | ".join(f"{row.result.decode_tokens_per_step[w]:.2f}" for w in widths)
+        values = [row.result.decode_tokens_per_step[w] for w in widths]
+        if lookup_beams:
+            values += [row.with_lookup[w] for w in widths] + [row.lookup_only]
+        cells = " | ".join(f"{v:.2f}" for v in values)
         lines.append(
             f"| {row.name} | {row.sequences} | {row.response_tokens} | {row.coverage:.3f} | "
-            f"{top1} | {per_w} |"
+            f"{top1} | {cells} |"
         )
     return "\n".join(lines)
 
@@ -161,6 +196,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", default=None, help="target (default: the one recorded in DATA)")
     p.add_argument("--beam-length", type=int, default=5, help="L: root + L-1 drafts")
     p.add_argument("--beam-widths", default="1", help="comma-separated, e.g. 1,2,4")
+    p.add_argument(
+        "--lookup-beams",
+        type=int,
+        default=0,
+        help="also score the head with K prompt-lookup beams in its tree, and lookup alone",
+    )
+    p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(handler=run)
     return p
@@ -187,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         length = args.beam_length
         if length < 2:
             raise ValueError("--beam-length must be >= 2")
+        if args.lookup_beams < 0 or args.ngram < 1:
+            raise ValueError("--lookup-beams must be >= 0 and --ngram >= 1")
     except (ValueError, OSError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -194,16 +238,17 @@ def run(args: argparse.Namespace) -> int:
     index = dataset.prompt_index
     embedding = find_input_embedding(model)
     table, features = teacher_forced(model, sequences, length)
-    rows = [score(head, embedding, sequences, table, features, tuple(widths))]
+    lookup = {"lookup_beams": args.lookup_beams, "ngram": args.ngram}
+    rows = [score(head, embedding, sequences, table, features, tuple(widths), **lookup)]
     categories = categories_of(dataset.meta, int(index.max()) + 1)
     if categories is not None and len({categories[i] for i in index}) > 1:
         labels = np.array([categories[i] for i in index])
         for name in sorted(set(labels.tolist())):
             picked = np.flatnonzero(labels == name)
             part = subset(sequences, table, features, picked)
-            rows.append(score(head, embedding, *part, tuple(widths), name=name))
+            rows.append(score(head, embedding, *part, tuple(widths), name=name, **lookup))
     print(f"head {args.head}, L = {length}")
-    print(format_table(rows, widths))
+    print(format_table(rows, widths, args.lookup_beams))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
     return 0
