@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
-    from mlx_redrafter.cli import resolve_drafter
+    from mlx_redrafter.cli import CLIError, resolve_drafter
     from mlx_redrafter.models import ModelLoadError, load
 
     try:
@@ -453,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k
         )
         extra = [] if args.tune else model_drafting_methods(args, model, tokenizer, params)
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        if drafter is not None and not args.tune:
+            extra += head_methods(args, model, tokenizer, params, drafter)
+    except (CLIError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = [chat_tokens(tokenizer, item.text) for item in items]
@@ -480,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ours_ar:
         methods.append(Ours(model, tokenizer, params))
     methods += extra
-    if drafter is not None:
-        methods += head_methods(args, model, tokenizer, params, drafter)
     tic = time.perf_counter()
     runs = run_interleaved(methods, prompts, categories, args.max_tokens, args.repeats, args.seed)
     split = profile_runs(methods, prompts[: args.profile_prompts], args.max_tokens)

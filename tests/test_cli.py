@@ -31,10 +31,14 @@ def _text_and_stats(stdout: str) -> tuple[str, list[str]]:
     return "\n".join(lines[:first_stat]), lines[first_stat:]
 
 
-def test_speculative_cli_matches_ar_and_reports_steps(tiny_model_dir, head_dir):
+@pytest.mark.parametrize(
+    "lookup", [[], ["--lookup-beams", "0"], ["--lookup-beams", "2", "--ngram", "2"]]
+)
+def test_speculative_cli_matches_ar_and_reports_steps(tiny_model_dir, head_dir, lookup):
     common = ["--model", str(tiny_model_dir), "--prompt", "the cat", "--max-tokens", "24"]
     ar = _cli(*common, "--drafter", "none")
-    spec = _cli(*common, "--drafter", str(head_dir), "--beam-width", "3", "--beam-length", "4")
+    shape = ["--beam-width", "3", "--beam-length", "4"]
+    spec = _cli(*common, "--drafter", str(head_dir), *shape, *lookup)
     assert ar.returncode == 0 and spec.returncode == 0, spec.stderr
     ar_text, ar_stats = _text_and_stats(ar.stdout)
     spec_text, spec_stats = _text_and_stats(spec.stdout)
@@ -61,3 +65,19 @@ def test_missing_drafter_is_one_clear_line(tmp_path, tiny_model_dir):
     out = _cli("--model", str(tiny_model_dir), "--drafter", str(tmp_path / "none-here"))
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: drafter not found: {tmp_path / 'none-here'}"
+
+
+def test_bench_runs_the_head_with_and_without_lookup_beams(tiny_model_dir, head_dir, tmp_path):
+    from mlx_redrafter import bench
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat sat on the mat, the cat"}\n{"prompt": "hello"}\n')
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--drafter", str(head_dir), "--prompts", str(prompts)]
+    argv += ["--max-tokens", "12", "--beam-width", "1", "--beam-length", "3", "--skip-ours-ar"]
+    argv += ["--lookup-beams", "0,1", "--out", str(out), "--profile-prompts", "1"]
+    assert bench.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["summary"]}
+    assert {"ReDrafter W1 L3", "ReDrafter + lookup 1 W1 L3"} <= set(rows)
+    assert all(r["mismatches"] == 0 for r in rows.values())
+    assert bench.main([*argv[:-4], "--lookup-beams", "-1", "--out", str(out)]) == 2

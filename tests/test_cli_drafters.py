@@ -78,6 +78,12 @@ def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):
         (["--draft-model", "SELF", "--beam-width", "2"], "beam width 1"),
         (["--draft-model", "OTHER"], "tokenizer differs"),
         (["--prompt-lookup", "--draft-method", "tli"], "--draft-method needs --draft-model"),
+        (["--drafter", "none", "--lookup-beams", "-1"], "--lookup-beams must be >= 0"),
+        (["--prompt-lookup", "--lookup-beams", "1"], "--lookup-beams adds prompt lookup"),
+        (
+            ["--drafter", "none", "--acceptance", "redrafter", "--lookup-beams", "1"],
+            "use --lookup-beams 0",
+        ),
     ],
 )
 def test_cli_drafter_errors_are_one_clear_line(
