@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from engine_walks import assert_engine_follows_walks
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from test_exact_sampling import (
     PROMPT,
@@ -307,8 +308,6 @@ def test_simulated_head_plus_lookup_matches_the_engine_step_for_step():
     accepts, at every step, the longer of the head's and the lookup's simulated runs."""
     from test_train import greedy_responses
 
-    from mlx_redrafter.engine import StepStats, speculative_tokens
-    from mlx_redrafter.sampling import SamplingParams
     from mlx_redrafter.target import Target
     from mlx_redrafter.train.evaluate import beam_accepted, decode_walks, lookup_accepted
     from mlx_redrafter.train.score import teacher_forced
@@ -330,16 +329,4 @@ def test_simulated_head_plus_lookup_matches_the_engine_step_for_step():
     assert (lookup > heads).any()  # the lookup beam wins somewhere: the max matters
     walks = decode_walks(table, np.maximum(heads, lookup))
     combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1)])
-    for (tokens, start), walk in zip(data, walks, strict=True):
-        stats, emitted = StepStats(), []
-        for token, _ in speculative_tokens(
-            target, combined, tokens[:start].tolist(), SamplingParams(), 1, 4, stats
-        ):
-            emitted.append(token)
-            if len(emitted) >= tokens.size - start:
-                break
-        assert emitted == tokens[start:].tolist()
-        t = start - 1
-        for engine, simulated in zip(stats.accepted, walk, strict=False):
-            assert simulated == min(engine, tokens.size - 2 - t)
-            t += 1 + simulated
+    assert_engine_follows_walks(target, combined, data, walks, 4)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from engine_walks import assert_engine_follows_walks
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from test_train import (
@@ -31,7 +32,6 @@ from mlx_redrafter.drafters.factorized_tree import factorized_tree
 from mlx_redrafter.drafters.group_mask import CONTEXT, group_attention_mask
 from mlx_redrafter.drafters.parallel import ParallelConfig, ParallelHead, load_head
 from mlx_redrafter.hidden_window import HiddenWindow
-from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.train.evaluate import decode_walks, leading_run
 from mlx_redrafter.train.objective import PAD, build_position_table
@@ -404,20 +404,7 @@ def test_engine_accepts_exactly_what_training_simulates(tmp_path):
     top1 = np.array(trainer.head.to_target_ids(mx.argmax(logits, axis=-1)))
     walks = decode_walks(table, leading_run((top1 == table.windows[:, 1:]) & table.in_loss))
     drafter = ParallelDrafter.from_model(model, trainer.head)
-    greedy = SamplingParams(temp=0.0)
-    for (tokens, start), walk in zip(data[48:], walks, strict=True):
-        stats, emitted = gen.StepStats(), []
-        for token, _ in gen.speculative_tokens(
-            target, drafter, tokens[:start].tolist(), greedy, 1, 4, stats
-        ):
-            emitted.append(token)
-            if len(emitted) >= tokens.size - start:
-                break
-        assert emitted == tokens[start:].tolist()
-        t = start - 1
-        for engine, simulated in zip(stats.accepted, walk, strict=False):
-            assert simulated == min(engine, tokens.size - 2 - t)
-            t += 1 + simulated
+    assert_engine_follows_walks(target, drafter, data[48:], walks, 4)
     assert sum(map(sum, walks)) >= 10  # the head does get drafts accepted
 
 

@@ -13,6 +13,7 @@ import mlx_redrafter  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
+from engine_walks import assert_engine_follows_walks
 from mlx.utils import tree_flatten
 from tiny_models import tiny_model
 
@@ -24,8 +25,6 @@ from mlx_redrafter.drafters.redrafter import (
     find_input_embedding,
     load_drafter,
 )
-from mlx_redrafter.engine import StepStats, speculative_tokens
-from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.train.evaluate import (
     decode_tokens_per_step,
@@ -368,25 +367,9 @@ def test_simulated_decoding_matches_the_engine_step_for_step(tmp_path):
     accepted = np.zeros(table.size, dtype=np.int64)
     accepted[:] = leading_run((top1_ids(trainer, table) == table.windows[:, 1:]) & table.in_loss)
     walks = decode_walks(table, accepted)
-    drafter = ReDrafter.from_model(model, trainer.head)
-    greedy = SamplingParams(temp=0.0)
-    for (tokens, start), walk in zip(data[48:], walks, strict=True):
-        stats, emitted = StepStats(), []
-        for token, _ in speculative_tokens(
-            target, drafter, tokens[:start].tolist(), greedy, 1, 4, stats
-        ):
-            emitted.append(token)
-            if len(emitted) >= tokens.size - start:
-                break
-        assert emitted == tokens[start:].tolist()
-        # The prefill emits g0 of the first call; engine step k verifies call k's drafts.
-        # The engine may accept drafts past the end of the distilled response; the
-        # simulation stops there (at most T - 2 - t drafts at position t).
-        t = start - 1
-        for engine, simulated in zip(stats.accepted, walk, strict=False):
-            assert simulated == min(engine, tokens.size - 2 - t)
-            t += 1 + simulated
-        assert len(walk) - 1 <= stats.steps <= len(walk)
+    assert_engine_follows_walks(
+        target, ReDrafter.from_model(model, trainer.head), data[48:], walks, 4
+    )
     assert sum(map(sum, walks)) >= 10  # the head does get drafts accepted
 
 
