@@ -330,3 +330,20 @@ def test_simulated_head_plus_lookup_matches_the_engine_step_for_step():
     walks = decode_walks(table, np.maximum(heads, lookup))
     combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1)])
     assert_engine_follows_walks(target, combined, data, walks, 4)
+
+
+def test_parallel_head_plus_lookup_keeps_its_hidden_window(tokenizer):
+    """A parallel head (which reads the last ``C`` hidden states) in a combined tree."""
+    from test_parallel_head import random_head
+
+    from mlx_redrafter.drafters import ParallelDrafter
+
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
+    head = ParallelDrafter.from_model(model, random_head(vocab, k=3, context=4, seed=1))
+    combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1)])
+    assert combined.hidden_window == 4
+    for prompt in _prompts(5, vocab, 2):
+        ar = _tokens(model, tokenizer, prompt, 40)
+        spec = _tokens(model, tokenizer, prompt, 40, drafter=combined, beam_width=2, beam_length=4)
+        assert spec == ar
