@@ -22,6 +22,7 @@ from test_exact_sampling import (
     exact_joint,
     goodness_of_fit,
 )
+from test_prompt_lookup import _tokens
 from tiny_models import byte_tokenizer, tiny_model
 
 from mlx_redrafter import engine as gen
@@ -147,10 +148,6 @@ def _prompts(seed: int, vocab: int, count: int) -> list[list[int]]:
         noise = rng.integers(3, vocab, size=int(rng.integers(1, 6))).tolist()
         out.append(span + noise + span[: len(span) // 2])
     return out
-
-
-def _tokens(model, tok, prompt, max_tokens, **kw) -> list[int]:
-    return [r.token for r in gen.stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

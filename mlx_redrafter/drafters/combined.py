@@ -108,9 +108,8 @@ class CombinedDrafter:
 
         Host members' beams follow in :meth:`complete` (the engine calls it).
         """
-        if self.needs_host_tokens:
-            return stack_drafts(self._propose(context, width, length, None))
-        return stack_drafts(self._propose(context, width, length, False))
+        host = None if self.needs_host_tokens else False
+        return stack_drafts(self._propose(context, width, length, host))
 
     def complete(self, draft: Draft, context: DraftContext, width: int, length: int) -> Draft:
         """Append the host members' beams to ``draft``; ``context.tokens`` ends at the root."""
