@@ -38,7 +38,7 @@ from mlx_redrafter.train.features import (
     StreamingFeatures,
     extraction_groups,
 )
-from mlx_redrafter.train.fit import FitOptions, Trainer, epoch_batches
+from mlx_redrafter.train.fit import FitOptions, Trainer, epoch_batches, trainer_class
 from mlx_redrafter.train.objective import (
     PAD,
     build_position_table,
@@ -456,6 +456,50 @@ def test_resume_continues_the_same_loss_curve(model, tmp_path):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def test_init_head_fine_tunes_the_saved_head(model, trained, tmp_path):
+    """``--init-head``: the saved weights are the start (already accurate, unlike a fresh
+    head), the architecture options come from the head, and training goes on from there."""
+    old, _ = trained
+    data = second_order_language(40, seed=21)
+    options = base_options(tmp_path, epochs=1, exit_dim=None, init_head=old.options.out)
+    trainer = Trainer(model, data[:32], data[32:], options, progress=False)
+    assert trainer.options.exit_dim == old.head.config.exit_dim == 96
+    saved = load_drafter(old.options.out, model=model, dtype=mx.float32)
+    for (k, a), (_, b) in zip(
+        tree_flatten(trainer.head.parameters()), tree_flatten(saved.parameters()), strict=True
+    ):
+        assert mx.array_equal(a, b).item(), k
+    trainer.fit(stop_at_step=0)
+    start = trainer.evaluate()
+    fresh = Trainer(model, data[:32], data[32:], replace(options, init_head=None, exit_dim=96))
+    fresh.fit(stop_at_step=0)
+    assert start.topk[0, 0] >= 0.9 > fresh.evaluate().topk[0, 0] + 0.3
+    result = trainer.fit()
+    assert result.finished and result.final_eval.topk[0, 0] >= 0.9
+
+
+def test_init_head_keeps_its_draft_vocabulary_and_refuses_contradictions(model, tmp_path):
+    first = second_order_language(24, seed=5)
+    options = base_options(tmp_path / "a", epochs=1, draft_vocab=20)
+    old = Trainer(model, first, [], options, progress=False)
+    old.write_outputs(old.fit())
+    other = second_order_language(24, seed=6)
+    init = base_options(tmp_path / "b", epochs=1, init_head=options.out)
+    trainer = Trainer(model, other, [], init, progress=False)
+    assert np.array_equal(trainer.vocab.ids, old.vocab.ids)
+    counts = response_token_counts(((t, s) for t, s in other), VOCAB)
+    assert trainer.coverage == pytest.approx(coverage_of(old.vocab.ids, counts))
+    with pytest.raises(ValueError, match="num-draft-layers 2, but --num-draft-layers 3"):
+        Trainer(model, other, [], replace(init, num_draft_layers=3), progress=False)
+    with pytest.raises(ValueError, match="fixes the draft vocabulary"):
+        Trainer(model, other, [], replace(init, draft_vocab=20), progress=False)
+    with pytest.raises(ValueError, match="not a head directory"):
+        Trainer(model, other, [], replace(init, init_head=str(tmp_path / "none")))
+    parallel = replace(init, head="parallel", k=3, exit_dim=None)
+    with pytest.raises(ValueError, match="--init-head .* must be 'parallel_spec_drafter'"):
+        trainer_class(parallel)(model, other, [], parallel, progress=False)
+
+
 def test_resume_refuses_changed_options(model, tmp_path):
     data = second_order_language(12, seed=2)
     options = base_options(tmp_path, epochs=1, checkpoint_every=1)
@@ -515,6 +559,8 @@ def test_cli_options_and_feature_cache_default(tmp_path):
         parse_fit(["--data", "d", "--out", "o", "--draft-vocab", "5", "--draft-coverage", ".9"])
     with pytest.raises(ValueError, match="beam-length"):
         replace(options, beam_length=1).check()
+    args = parse_fit(["--data", "d", "--out", "o", "--init-head", "h"])
+    assert options_from_args(args).init_head == "h"
 
 
 def write_distilled(path: Path, sequences: list[tuple[np.ndarray, int]]) -> Path:

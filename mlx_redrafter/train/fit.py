@@ -118,7 +118,15 @@ RESUME_KEYS = (
     "shuffle_pool",
     "extract_tokens",
     "feature_dtype",
+    "init_head",
 )
+
+#: Architecture options a ``--init-head`` checkpoint fixes: option name -> config field.
+ARCHITECTURE_OPTIONS = {
+    "num_draft_layers": "num_draft_layers",
+    "rnn": "rnn",
+    "exit_dim": "exit_dim",
+}
 
 
 @dataclass
@@ -158,6 +166,7 @@ class FitOptions:
     head: str = "redrafter"
     k: int | None = None
     context: int = 4
+    init_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.k is not None:
@@ -181,6 +190,12 @@ class FitOptions:
             raise ValueError("--beam-length must be >= 2")
         if self.draft_vocab is not None and self.draft_coverage is not None:
             raise ValueError("give at most one of --draft-vocab and --draft-coverage")
+        if self.init_head is not None and (
+            self.draft_vocab is not None or self.draft_coverage is not None
+        ):
+            raise ValueError(
+                "--init-head fixes the draft vocabulary: drop --draft-vocab / --draft-coverage"
+            )
         if self.draft_coverage is not None and not 0.0 < self.draft_coverage <= 1.0:
             raise ValueError("--draft-coverage must be in (0, 1]")
         if not 0.0 <= self.warmup < 1.0:
@@ -380,8 +395,19 @@ def build_head(
     return head
 
 
+def training_coverage(vocab: DraftVocab, train: list[Sequence], options: FitOptions) -> float:
+    """Share of the (truncated) training response tokens inside ``vocab``."""
+    cap = options.max_seq_len
+    return coverage_of(
+        vocab.ids, response_token_counts(((t[:cap], s) for t, s in train), vocab.vocab_size)
+    )
+
+
 class Trainer:
     """Trains one head against one frozen target.
+
+    A new head starts from random weights, or from ``options.init_head`` (a saved head of
+    the same kind for the same target: architecture and draft vocabulary come from it).
 
     Args:
         model: The target mlx-lm model (frozen).
@@ -390,6 +416,9 @@ class Trainer:
         options: The :class:`FitOptions`.
         progress: Show progress bars.
     """
+
+    #: The head class this trainer trains (an ``--init-head`` must be one).
+    head_type: type = ReDrafterHead
 
     def __init__(
         self,
@@ -405,6 +434,8 @@ class Trainer:
         self.out = Path(options.out)
         self.embedding = find_input_embedding(model)
         self.extractor = HiddenExtractor(model)
+        # Before the data: a starting head fixes architecture options (parallel: k).
+        initial = None if options.init_head is None else self._initial_head(Path(options.init_head))
         self.data = prepare_data(train, heldout, options)
         check_token_ids(self.data, embedding_dims(self.embedding)[0])
         self.data_hash = self.data.fingerprint()
@@ -412,7 +443,10 @@ class Trainer:
             raise ValueError("no training positions: every response is empty or truncated")
         self.state = TrainState()
         resumed = self._resume_head() if options.resume else None
-        if resumed is None:
+        if resumed is None and initial is not None:
+            self.head, vocab = initial
+            self.coverage = 1.0 if vocab is None else training_coverage(vocab, train, options)
+        elif resumed is None:
             vocab, self.coverage = choose_vocab(train, embedding_dims(self.embedding)[0], options)
             self.head = self._new_head(vocab)
         else:
@@ -458,6 +492,48 @@ class Trainer:
     def _load_head(self, path: Path) -> ReDrafterHead:
         """The head saved in ``path`` (a checkpoint), in float32."""
         return load_drafter(path, model=self.embedding, dtype=mx.float32)
+
+    def _architecture(self, config: Any) -> dict[str, Any]:
+        """The options a saved head's ``config`` fixes (``{option: value}``)."""
+        return {name: getattr(config, field) for name, field in ARCHITECTURE_OPTIONS.items()}
+
+    def _initial_head(self, path: Path) -> tuple[ReDrafterHead, DraftVocab | None]:
+        """Head and draft vocabulary of the ``--init-head`` checkpoint.
+
+        The architecture options are set from the head's config, so ``training.json``
+        records what was trained.
+
+        Raises:
+            ValueError: the head is of another kind, or an architecture option given on
+                the command line contradicts it.
+        """
+        if not path.is_dir():
+            raise ValueError(f"--init-head: {path} is not a head directory")
+        try:
+            head = self._load_head(path)
+        except ValueError as e:
+            raise ValueError(f"--init-head {path}: {e}") from e
+        if not isinstance(head, self.head_type):
+            raise ValueError(
+                f"--init-head {path} holds a {type(head).__name__}, "
+                f"not a {self.head_type.__name__} (--head {self.options.head})"
+            )
+        defaults = asdict(FitOptions(out=""))
+        for name, value in self._architecture(head.config).items():
+            given = getattr(self.options, name)
+            if given not in (defaults[name], value):
+                flag = name.replace("_", "-")
+                raise ValueError(
+                    f"--init-head {path} has {flag} {value}, but --{flag} {given} was given"
+                )
+            setattr(self.options, name, value)
+        self.options.__post_init__()
+        if head.draft_vocab is None:
+            return head, None
+        vocab = DraftVocab(
+            ids=np.array(head.draft_vocab), oov=self.options.oov, vocab_size=head.config.vocab_size
+        )
+        return head, vocab
 
     def _save_head(self, path: Path, dtype: mx.Dtype | None = None) -> None:
         """Write the head to ``path`` (floating tensors in ``dtype``; default: as trained)."""
@@ -855,6 +931,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     head.add_argument("--k", type=int, default=None, help="tokens drafted (sets --beam-length K+1)")
     head.add_argument(
         "--context", type=int, default=4, help="parallel head: hidden states read (C)"
+    )
+    head.add_argument(
+        "--init-head",
+        default=None,
+        metavar="DIR",
+        help="start from this saved head (same kind and target): fine-tune it on new data; "
+        "its architecture and draft vocabulary are kept",
     )
     head.add_argument("--num-draft-layers", type=int, default=2)
     head.add_argument("--rnn", action=argparse.BooleanOptionalAction, default=True)

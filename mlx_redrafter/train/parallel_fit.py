@@ -47,6 +47,7 @@ class ParallelTrainer(Trainer):
     """Trains a :class:`ParallelHead` (``options.head == "parallel"``) on a frozen target."""
 
     head: ParallelHead
+    head_type = ParallelHead
 
     def _new_head(self, vocab: DraftVocab | None) -> ParallelHead:
         v, d = embedding_dims(self.embedding)
@@ -62,6 +63,9 @@ class ParallelTrainer(Trainer):
         head = ParallelHead(config, draft_vocab=draft_vocab)
         mx.eval(head.parameters())
         return head
+
+    def _architecture(self, config: ParallelConfig) -> dict[str, int]:
+        return {"k": config.num_masks, "context": config.context}
 
     def _load_head(self, path: Path) -> ParallelHead:
         return load_head(path, model=self.embedding, dtype=mx.float32)
