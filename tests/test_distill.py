@@ -321,6 +321,55 @@ def test_reader_ignores_partial_temporaries(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ distill
 
 
+@pytest.mark.parametrize(("batch_size", "streams", "prefix"), [(3, 2, 7), (8, 1, 0)])
+def test_captured_hidden_states_equal_teacher_forcing(batch_size, streams, prefix) -> None:
+    """Every position's state, prompt (chunked prefill, copied shared prefix) and response
+    (batched decode, slots refilled and dropped), is the teacher-forced one."""
+    from mlx_redrafter.train.features import HiddenExtractor
+
+    model = tiny_model("qwen3", scale=3.0)
+    shared = tuple(range(7, 7 + prefix))
+    prompts = [shared + p for p in _prompts(5)]
+    gen = SlotGenerator(
+        model,
+        {0},
+        batch_size=batch_size,
+        max_new_tokens=MAX_NEW,
+        prefill_chunk=16,
+        streams=streams,
+        shared_prefix=shared,
+        capture_hidden=True,
+    )
+    done = list(gen.generate(Request(i, p) for i, p in enumerate(prompts)))
+    assert len(done) == len(prompts)
+    assert gen.stats.shrinks > 0 or batch_size >= len(prompts)
+    assert gen.stats.reused_prompt_tokens == prefix * len(prompts)
+    extractor = HiddenExtractor(model)
+    for c in done:
+        tokens = np.concatenate([c.prompt, c.response])
+        want = extractor([tokens])[0]
+        assert c.hidden.dtype == np.float16 and c.hidden.shape == want.shape
+        err = np.abs(c.hidden.astype(np.float32) - want).max(axis=-1)
+        scale = np.abs(want).max()
+        assert err.max() < 2e-3 * scale, (c.key, int(err.argmax()))
+        # one position off would be far away: the states really are per position
+        assert np.abs(c.hidden[1:].astype(np.float32) - want[:-1]).max() > 0.1 * scale
+
+
+def test_hidden_states_need_a_split_model() -> None:
+    model = tiny_model("llama")
+    gen_parts = ModelParts(backbone=model, head=lambda x: x, head_split=False)
+    import mlx_redrafter.train.batch_generate as bg
+
+    original = bg.split_model
+    bg.split_model = lambda m: gen_parts
+    try:
+        with pytest.raises(ValueError, match="splits off"):
+            SlotGenerator(model, {0}, capture_hidden=True)
+    finally:
+        bg.split_model = original
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
@@ -396,6 +445,49 @@ def test_stored_sequences_are_chat_prompt_plus_greedy_response(
         assert seq.tokens[: seq.response_start].tolist() == ids
         want = _reference(model, tok, tuple(ids), 10)
         assert seq.tokens[seq.response_start :].tolist() == want
+
+
+def test_saved_features_are_used_by_fit_instead_of_extraction(
+    tmp_path: Path, tiny_dir: Path, capsys
+) -> None:
+    """``distill --save-features`` stores every sequence's states (resumed runs too); ``fit``
+    then extracts nothing and trains as it would on extracted features."""
+    from mlx_redrafter.train.features import FeatureStore, HiddenExtractor, sequence_key
+
+    model, tok = _load(tiny_dir)
+    prompts = _write_prompts(tmp_path / "p.jsonl", 14)
+    out = tmp_path / "out"
+    config = _config(prompts, out, save_features=True)
+    distill(config, model, tok, str(tiny_dir), progress=False, stop_after_shards=1)
+    distill(config, model, tok, str(tiny_dir), progress=False)
+    meta = json.loads((out / "features" / "meta.json").read_text())
+    store = FeatureStore(out / "features", meta)
+    extractor = HiddenExtractor(model)
+    dataset = DistillDataset(out)
+    sequences = [dataset[i] for i in range(len(dataset))]
+    assert len(sequences) == 14
+    assert set(store.index) == {sequence_key(seq.tokens) for seq in sequences}
+    for seq in sequences[:4]:
+        chunk, first, length = store.index[sequence_key(seq.tokens)]
+        got = np.load(store.chunk_files[chunk])[first : first + length].astype(np.float32)
+        want = extractor([seq.tokens])[0]
+        assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
+
+    losses = {}
+    for name, extra in (("stored", []), ("extracted", ["--no-feature-cache"])):
+        if name == "extracted":
+            (out / "features" / "meta.json").rename(out / "features" / "moved.json")
+        head = tmp_path / name
+        argv = ["fit", "--model", str(tiny_dir), "--data", str(out), "--out", str(head)]
+        argv += ["--batch-size", "16", "--beam-length", "3", "--exit-dim", "64", "--quiet"]
+        assert main([*argv, *extra]) == 0
+        report = json.loads((head / "training.json").read_text())
+        losses[name] = [e["loss"] for e in report["history"]]
+        if name == "stored":
+            assert report["throughput"]["distilled_feature_sequences"] > 0
+            assert "cache_build_s" not in report["throughput"]  # nothing was extracted
+    np.testing.assert_allclose(losses["stored"], losses["extracted"], rtol=1e-2)
+    capsys.readouterr()
 
 
 def test_resume_refuses_different_parameters(tmp_path: Path, tiny_dir: Path) -> None:

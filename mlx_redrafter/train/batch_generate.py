@@ -28,6 +28,12 @@ step ``t - 1``, so the device never waits for the host. The host records the tok
 step *consumed*; a slot refilled between two steps just feeds its new first token into the
 next step, and the garbage the old sequence's slot produced meanwhile is never read.
 
+Hidden states (``capture_hidden``): the backbone computes the final hidden state of every
+token it consumes, prompt and response alike, so a completion can carry all of them,
+``(P + R, d)``, at the cost of one ``(B, d)`` host copy per step. They are what teacher
+forcing the finished sequence would give, up to float rounding (batched, chunked
+forwards), and let training skip a separate extraction pass.
+
 Sampling at ``temperature > 0`` adds Gumbel noise from a counter-based hash of
 ``(request seed, token index, token id)``, so a request's sample does not depend on which
 other requests share its batch (or on the batch size).
@@ -71,11 +77,13 @@ class ModelParts:
             ``(B, T, V)`` logits when ``head_split`` is False.
         head: ``(..., D)`` -> ``(..., V)`` logits (identity when not split).
         head_split: True when prefill can skip the logits of all but the last position.
+        hidden_size: ``D`` (0 when not split).
     """
 
     backbone: Callable[[mx.array, list[Any]], mx.array]
     head: Callable[[mx.array], mx.array]
     head_split: bool
+    hidden_size: int = 0
 
 
 def _identity(x: mx.array) -> mx.array:
@@ -104,12 +112,13 @@ def split_model(model: nn.Module) -> ModelParts:
     probe = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
     try:
         want = model(probe, cache=make_prompt_cache(model))
-        got = head(inner(probe, make_prompt_cache(model)))
+        hidden = inner(probe, make_prompt_cache(model))
+        got = head(hidden)
     except (TypeError, ValueError, AttributeError):
         return fallback
     if got.shape != want.shape or not mx.array_equal(got, want).item():
         return fallback
-    return ModelParts(backbone=inner, head=head, head_split=True)
+    return ModelParts(backbone=inner, head=head, head_split=True, hidden_size=hidden.shape[-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -208,12 +217,15 @@ class Completion:
         response: ``(R,)`` int32 generated ids, ``1 <= R <= max_new_tokens``, ending with an
             EOS id when ``finish_reason == "eos"``.
         finish_reason: ``"eos"`` or ``"length"``.
+        hidden: ``(P + R, d)`` float16 final hidden state of every prompt and response
+            position (``capture_hidden`` only, else ``None``).
     """
 
     key: Any
     prompt: np.ndarray
     response: np.ndarray
     finish_reason: str
+    hidden: np.ndarray | None = None
 
 
 @dataclass
@@ -269,9 +281,11 @@ class SlotGenerator:
             thread); use the number of cores, and one OpenBLAS thread.
         shared_prefix: Ids that start most prompts (e.g. the chat template's system
             turn): their keys/values are computed once and copied into each prefill.
+        capture_hidden: Return every position's final hidden state with each completion.
 
     Raises:
         UnsupportedModelError: If the model needs rotating/quantized/state-space caches.
+        ValueError: ``capture_hidden`` for a model whose LM head does not split off.
     """
 
     def __init__(
@@ -289,12 +303,16 @@ class SlotGenerator:
         fast_kernels: bool = True,
         streams: int = 1,
         shared_prefix: Iterable[int] = (),
+        capture_hidden: bool = False,
     ):
         if min(batch_size, max_new_tokens, prefill_chunk, prefill_rows, refill_min, streams) < 1:
             raise ValueError("sizes must be >= 1")
         self.model = model
         self.num_layers = num_cache_layers(model)
         self.parts = split_model(model)
+        if capture_hidden and not self.parts.head_split:
+            raise ValueError("hidden states need a model whose LM head splits off its backbone")
+        self.capture_hidden = capture_hidden
         self.eos = np.array(sorted({int(t) for t in eos_token_ids}), dtype=np.int64)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -307,6 +325,7 @@ class SlotGenerator:
         self._lane_streams: list[Any] = []
         self.shared_prefix = tuple(int(t) for t in shared_prefix)
         self._prefix_state: tuple[list[mx.array], list[mx.array]] | None = None
+        self._prefix_hidden: mx.array | None = None
         self.fast_kernels = fast_kernels and self._fast_kernels_agree()
         self.stats = GenerationStats()
 
@@ -363,10 +382,11 @@ class SlotGenerator:
         inputs: mx.array,
         row_seeds: mx.array | None = None,
         steps: mx.array | None = None,
-    ) -> mx.array:
-        """``(B,)`` input ids -> ``(B,)`` next ids (lazy); ``cache.begin_decode`` first."""
-        h = self._backbone(inputs[:, None], cache, self.fast_kernels)
-        return choose_tokens(self.parts.head(h[:, 0]), self.temperature, row_seeds, steps)
+    ) -> tuple[mx.array, mx.array]:
+        """``(B,)`` input ids -> ``(B,)`` next ids and the inputs' ``(B, d)`` final hidden
+        states (both lazy); ``cache.begin_decode`` first."""
+        h = self._backbone(inputs[:, None], cache, self.fast_kernels)[:, 0]
+        return choose_tokens(self.parts.head(h), self.temperature, row_seeds, steps), h
 
     def prefix_state(self) -> tuple[list[mx.array], list[mx.array]] | None:
         """Keys/values ``(1, H, p, D)`` per layer of :attr:`shared_prefix` (computed once)."""
@@ -376,11 +396,13 @@ class SlotGenerator:
             p = len(self.shared_prefix)
             cache = SlotCache(self.num_layers, 1)
             cache.begin_prefill(0, p)
-            self._backbone(mx.array([self.shared_prefix], dtype=mx.int32), cache, self.fast_kernels)
+            prefix = mx.array([self.shared_prefix], dtype=mx.int32)
+            hidden = self._backbone(prefix, cache, self.fast_kernels)
             keys = [mx.contiguous(k[..., :p, :]) for k in cache.keys]
             values = [mx.contiguous(v[..., :p, :]) for v in cache.values]
-            mx.eval(keys, values)
+            mx.eval(keys, values, hidden)
             self._prefix_state = (keys, values)
+            self._prefix_hidden = hidden
         return self._prefix_state
 
     def _reused_prefix(self, prompts: list[tuple[int, ...]]) -> int:
@@ -392,7 +414,7 @@ class SlotGenerator:
 
     def prefill(
         self, prompts: list[tuple[int, ...]], row_seeds: mx.array | None = None
-    ) -> tuple[SlotCache, mx.array, int]:
+    ) -> tuple[SlotCache, mx.array, int, np.ndarray | None]:
         """Run ``k`` prompts through the model, right-padded, ``prefill_chunk`` at a time.
 
         When every prompt extends :attr:`shared_prefix`, its keys/values are copied in
@@ -403,8 +425,9 @@ class SlotGenerator:
             row_seeds: ``(k,)`` uint32 (sampling only).
 
         Returns:
-            The ``k``-row cache, the ``(k,)`` first generated ids (lazy) and the padded
-            prompt length ``T``.
+            The ``k``-row cache, the ``(k,)`` first generated ids (lazy), the padded
+            prompt length ``T`` and (``capture_hidden`` only) the ``(k, T, d)`` float16
+            hidden states of the padded prompts.
         """
         k = len(prompts)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -422,6 +445,10 @@ class SlotGenerator:
         last = lengths - 1
         rows = mx.arange(k)
         picked: mx.array | None = None
+        hidden: list[np.ndarray] = []
+        if reused and self.capture_hidden:
+            prefix = np.array(self._prefix_hidden.astype(mx.float16))
+            hidden.append(np.broadcast_to(prefix, (k, *prefix.shape[1:])))
         for start in range(reused, width, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, width)
             cache.begin_prefill(start, stop - start)
@@ -434,11 +461,14 @@ class SlotGenerator:
                     picked = chunk_last
                 else:
                     picked = mx.where(mx.array(here)[:, None], chunk_last, picked)
+            if self.capture_hidden:
+                hidden.append(np.array(h.astype(mx.float16)))
             if stop < width:
                 mx.eval(cache.arrays(), *([] if picked is None else [picked]))
         steps = mx.zeros((k,), dtype=_U32) if row_seeds is not None else None
         first = choose_tokens(self.parts.head(picked), self.temperature, row_seeds, steps)
-        return cache, first, width
+        states = np.concatenate(hidden, axis=1) if self.capture_hidden else None
+        return cache, first, width, states
 
 
 class _Lane:
@@ -465,7 +495,15 @@ class _Lane:
         with mx.stream(stream):
             self.inputs = mx.zeros((size,), dtype=mx.int32)
         self._fed: mx.array | None = None
+        self._hidden: mx.array | None = None
         self._consumed = self.active
+        # capture_hidden: each slot's prompt states (P, d) and response states (R, d)
+        self.prompt_hidden: list[np.ndarray | None] = [None] * size
+        self.out_hidden = (
+            np.zeros((size, gen.max_new_tokens, gen.parts.hidden_size), dtype=np.float16)
+            if gen.capture_hidden
+            else None
+        )
 
     def launch(self) -> None:
         """Queue one decode step of every slot (the device starts at once)."""
@@ -477,8 +515,9 @@ class _Lane:
             if self.sampling:
                 seeds = mx.array(self.seeds)
                 steps = mx.array((self.count + 1).astype(np.uint32))
-            self.inputs = self.gen.decode_step(self.cache, self._fed, seeds, steps)
-        mx.async_eval(self.inputs)
+            self.inputs, hidden = self.gen.decode_step(self.cache, self._fed, seeds, steps)
+            self._hidden = hidden.astype(mx.float16) if self.gen.capture_hidden else None
+        mx.async_eval(self.inputs, *([] if self._hidden is None else [self._hidden]))
         self.lengths[self._consumed] += 1
         self.stats.decode_steps += 1
         self.stats.slot_steps += self.size
@@ -489,6 +528,8 @@ class _Lane:
         fed = np.array(self._fed)
         idx = np.flatnonzero(self._consumed)
         self.out[idx, self.count[idx]] = fed[idx]
+        if self.out_hidden is not None:
+            self.out_hidden[idx, self.count[idx]] = np.array(self._hidden)[idx]
         self.count[idx] += 1
         self.stats.generated_tokens += idx.size
         is_eos = np.isin(fed[idx], self.gen.eos)
@@ -497,8 +538,12 @@ class _Lane:
             req = self.requests[b]
             n = int(self.count[b])
             reason = "eos" if np.isin(self.out[b, n - 1], self.gen.eos) else "length"
+            hidden = None
+            if self.out_hidden is not None:
+                hidden = np.concatenate([self.prompt_hidden[b], self.out_hidden[b, :n]])
             self.active[b] = False
             self.requests[b] = None
+            self.prompt_hidden[b] = None
             self.lengths[b] = 0
             self.stats.sequences += 1
             yield Completion(
@@ -506,6 +551,7 @@ class _Lane:
                 prompt=np.asarray(req.tokens, dtype=np.int32),
                 response=self.out[b, :n].copy(),
                 finish_reason=reason,
+                hidden=hidden,
             )
 
     def shrink(self) -> None:
@@ -515,8 +561,11 @@ class _Lane:
             self.cache.keep_rows(keep)
             self.inputs = self.inputs[mx.array(keep.astype(np.int32))]
         self.requests = [self.requests[i] for i in keep]
+        self.prompt_hidden = [self.prompt_hidden[i] for i in keep]
         for name in ("active", "lengths", "count", "out", "seeds"):
             setattr(self, name, getattr(self, name)[keep])
+        if self.out_hidden is not None:
+            self.out_hidden = self.out_hidden[keep]
         self.size = int(keep.size)
         self.stats.shrinks += 1
 
@@ -537,7 +586,7 @@ class _Lane:
         row_seeds = np.array([mix_seed(gen.seed, r.seed) for r in reqs], dtype=np.uint32)
         prompts = [tuple(r.tokens) for r in reqs]
         with mx.stream(self.stream):
-            source, first, width = gen.prefill(
+            source, first, width, states = gen.prefill(
                 prompts, mx.array(row_seeds) if self.sampling else None
             )
             longest = max(len(p) for p in prompts)
@@ -548,9 +597,11 @@ class _Lane:
             source_row = np.zeros(self.size, dtype=np.int32)
             source_row[slots] = np.arange(len(reqs), dtype=np.int32)
             self.inputs = mx.where(mx.array(where), first[mx.array(source_row)], self.inputs)
-        for s, r, p in zip(slots, reqs, prompts, strict=True):
+        for row, (s, r, p) in enumerate(zip(slots, reqs, prompts, strict=True)):
             self.requests[s] = r
             self.lengths[s] = len(p)
+            if states is not None:
+                self.prompt_hidden[s] = states[row, : len(p)].copy()
         self.active[slots] = True
         self.count[slots] = 0
         self.seeds[slots] = row_seeds

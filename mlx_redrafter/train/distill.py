@@ -13,6 +13,12 @@ rerun must use the same model, prompts file and generation parameters (``--limit
 ``--batch-size`` and the performance options may change). SIGINT/SIGTERM write the finished
 sequences still in memory before exiting.
 
+Hidden states (``--save-features``): the target's final hidden state at every position
+of every stored sequence, as computed while generating, goes to ``OUT/features`` (a
+:class:`~mlx_redrafter.train.features.FeatureStore`, float16, one chunk per shard).
+``fit`` reads them from there instead of running the target over the data again; a
+sequence without stored states (e.g. from a run without the flag) is extracted as usual.
+
 Order (``--order``): by default the prompts are cut into random blocks of
 ``--block-size`` and each block is processed shortest first, so rows decoded together
 have similar lengths (less wasted attention) while a partial run still holds a random
@@ -50,6 +56,13 @@ from mlx_redrafter.train.data import (
     stored_totals,
     write_meta,
 )
+from mlx_redrafter.train.features import (
+    FeatureStore,
+    HiddenExtractor,
+    extractor_width,
+    sequence_key,
+    store_meta,
+)
 
 EXIT_ERROR = 2
 #: Parameters that must match between a data directory and a resumed run.
@@ -80,6 +93,7 @@ class DistillConfig:
     streams: int = 1
     order: str = "blocks"
     block_size: int = 1024
+    save_features: bool = False
 
     def check(self) -> None:
         """Raise ``ValueError`` on impossible values."""
@@ -322,8 +336,10 @@ def distill(
             fast_kernels=config.fast_kernels,
             streams=config.streams,
             shared_prefix=common_prefix(plan.requests),
+            capture_hidden=config.save_features,
         )
-        _generate(gen, plan.requests, writer, run, summary, progress, stop_after_shards)
+        sink = FeatureSink.open(Path(config.out), model) if config.save_features else None
+        _generate(gen, plan.requests, writer, run, summary, progress, stop_after_shards, sink)
         run.save(complete=summary.remaining == 0)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -337,6 +353,7 @@ def _generate(
     summary: DistillSummary,
     progress: bool,
     stop_after_shards: int | None,
+    sink: FeatureSink | None = None,
 ) -> None:
     """Feed ``requests`` to ``gen`` and store the completions (flushed on interrupt too)."""
     bar = tqdm(
@@ -356,14 +373,21 @@ def _generate(
             summary.remaining -= 1
             bar.update(1)
             bar.set_postfix_str(f"{gen.stats.tokens_per_second:.0f} tok/s", refresh=False)
-            shard = writer.add(_to_sequence(completion))
+            sequence = _to_sequence(completion)
+            if sink is not None:
+                sink.add(sequence, completion.hidden)
+            shard = writer.add(sequence)
             if shard is not None:
+                if sink is not None:
+                    sink.flush()
                 summary.shards += 1
                 run.shard_written(shard, summary, gen.stats.tokens_per_second, bar)
                 if stop_after_shards is not None and summary.shards >= stop_after_shards:
                     break
     finally:
         _save_pending(writer, run, summary, gen, bar)
+        if sink is not None:
+            sink.flush()
         bar.close()
 
 
@@ -375,6 +399,43 @@ def _save_pending(
     if shard is not None:
         summary.shards += 1
         run.shard_written(shard, summary, gen.stats.tokens_per_second, bar)
+
+
+class FeatureSink:
+    """Buffers the hidden states of finished sequences; writes a store chunk per shard.
+
+    Args:
+        store: The ``OUT/features`` store.
+    """
+
+    #: Subdirectory of the data directory holding the states.
+    DIR = "features"
+    DTYPE = "float16"
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._pending: list[tuple[str, np.ndarray]] = []
+
+    @classmethod
+    def open(cls, out: Path, model: Any) -> FeatureSink:
+        """The store of data directory ``out`` for ``model`` (emptied if it was another's)."""
+        extractor = HiddenExtractor(model)
+        width = extractor_width(extractor, [np.ones(1, np.int32)])
+        return cls(FeatureStore(out / cls.DIR, store_meta(extractor, width, cls.DTYPE)))
+
+    def add(self, sequence: Sequence, hidden: np.ndarray) -> None:
+        """Buffer ``hidden`` ``(T, d)`` of ``sequence`` (``T`` its token count)."""
+        if hidden.shape[0] != sequence.tokens.shape[0]:
+            raise ValueError(
+                f"{hidden.shape[0]} hidden states for {sequence.tokens.shape[0]} tokens"
+            )
+        self._pending.append((sequence_key(sequence.tokens), hidden))
+
+    def flush(self) -> None:
+        """Write the buffered states as one chunk (call after the shard holding them)."""
+        if self._pending:
+            entries, self._pending = self._pending, []
+            self.store.write_chunk(entries)
 
 
 class _Progress:
@@ -470,6 +531,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--blas-threads", type=int, default=1, help="OpenBLAS threads per lane (1 is best)"
+    )
+    p.add_argument(
+        "--save-features",
+        action="store_true",
+        help="also store every position's hidden state (OUT/features, float16, ~2d bytes "
+        "per token) so fit need not recompute them",
     )
     p.add_argument("--dtype", default=None, help="cast the model (default: keep the checkpoint's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

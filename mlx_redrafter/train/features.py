@@ -163,96 +163,88 @@ def sequence_key(tokens: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
 
 
-class FeatureCache:
-    """Hidden states of whole sequences on disk, keyed by content, grown incrementally.
+def store_meta(extractor: HiddenExtractor, width: int, dtype: str) -> dict:
+    """The ``meta.json`` of a feature store for ``extractor``'s target (see :class:`FeatureStore`)."""
+    return {
+        "format": FeatureStore.FORMAT,
+        "version": FeatureStore.VERSION,
+        "target": extractor.fingerprint(),
+        "dtype": dtype,
+        "width": width,
+    }
 
-    The directory holds ``meta.json`` (format, target fingerprint, dtype, width) and
+
+class FeatureStore:
+    """Hidden states of whole sequences in a directory, keyed by content.
+
+    The directory holds ``meta.json`` (format, target fingerprint, dtype, width ``d``) and
     *chunks*: ``chunk-NNNNN.npy`` ``(n_tokens, d)`` with the states of every position of
     some sequences, and ``chunk-NNNNN.keys.json`` naming each sequence's key
     (:func:`sequence_key`), first row and length. A chunk counts once its keys file exists
-    (written last), so an interrupted build keeps every finished chunk and a rerun extracts
-    only what is missing. Adding data to a distillation directory therefore extracts only
-    the new sequences; a different target (or dtype) starts a fresh store.
+    (written last), so an interrupted writer keeps every finished chunk.
 
-    Missing sequences are extracted in the given extraction groups (restricted to the
-    missing members), so a store built in one go holds exactly what
-    :class:`StreamingFeatures` computes.
+    Opening a directory whose ``meta.json`` differs from ``meta`` (another target or dtype)
+    empties it. ``distill --save-features`` writes one; :class:`FeatureCache` reads and
+    grows one, and reads others (:meth:`add_readonly`) without touching them.
 
     Args:
-        path: Store directory.
-        extractor: The target's :class:`HiddenExtractor`.
-        sequences: The (truncated) token sequences the table was built from.
-        table: The position table.
-        groups: Extraction groups (:func:`extraction_groups`).
-        dtype: ``"float16"`` or ``"float32"`` on disk.
-        progress: Show a progress bar while extracting.
-        chunk_tokens: Tokens per chunk file.
+        path: Store directory (created if needed).
+        meta: What the store must hold (:func:`store_meta`).
     """
 
     FORMAT = "mlx-redrafter-features"
     VERSION = 2
 
-    def __init__(
-        self,
-        path: str | Path,
-        extractor: HiddenExtractor,
-        sequences: list[np.ndarray],
-        table: PositionTable,
-        groups: list[np.ndarray],
-        dtype: str = "float16",
-        progress: bool = True,
-        chunk_tokens: int = 1 << 18,
-    ):
+    def __init__(self, path: str | Path, meta: dict):
         self.path = Path(path)
-        self.dtype = dtype
-        self.chunk_tokens = chunk_tokens
-        self.meta = {
-            "format": self.FORMAT,
-            "version": self.VERSION,
-            "target": extractor.fingerprint(),
-            "dtype": dtype,
-            "width": extractor_width(extractor, sequences),
-        }
-        self._open_store()
-        keys = [sequence_key(tokens) for tokens in sequences]
-        missing = np.array([k not in self.index for k in keys], dtype=bool)
-        self.built = bool(missing.any())
-        if self.built:
-            todo = [g[missing[g]] for g in groups]
-            self._extract(extractor, sequences, keys, [g for g in todo if g.size], progress)
-        self.arrays = [np.load(f, mmap_mode="r") for f in self.chunk_files]
-        self._locate(keys, table)
-
-    # -- the store ---------------------------------------------------------------------
-
-    def _open_store(self) -> None:
-        """Read the chunk index, or start an empty store if the meta does not match."""
+        self.meta = meta
+        self.dtype = FEATURE_DTYPES[meta["dtype"]]
+        self.chunk_files: list[Path] = []
+        self.index: dict[str, tuple[int, int, int]] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         meta_file = self.path / META_FILE
         stored = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-        if stored != self.meta:
+        if stored != meta:
             for old in [*self.path.glob("chunk-*"), self.path / DATA_FILE]:
                 old.unlink(missing_ok=True)
-            meta_file.write_text(json.dumps(self.meta, indent=2) + "\n")
-        self.chunk_files: list[Path] = []
-        self.index: dict[str, tuple[int, int, int]] = {}
-        for keys_file in sorted(self.path.glob("chunk-*.keys.json")):
+            meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+        self._read_chunks(self.path)
+
+    def _read_chunks(self, path: Path) -> int:
+        """Index the finished chunks of ``path``; returns the number of new sequences."""
+        added = 0
+        for keys_file in sorted(path.glob("chunk-*.keys.json")):
             data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
             if not data_file.is_file():
                 continue
             chunk = len(self.chunk_files)
             self.chunk_files.append(data_file)
             for key, first, length in json.loads(keys_file.read_text()):
-                self.index[key] = (chunk, int(first), int(length))
+                if key not in self.index:
+                    self.index[key] = (chunk, int(first), int(length))
+                    added += 1
+        return added
 
-    def _write_chunk(self, entries: list[tuple[str, np.ndarray]]) -> None:
+    def add_readonly(self, path: str | Path) -> int:
+        """Also serve the chunks of the store at ``path`` when its meta equals this one's.
+
+        Returns the number of sequences it adds (0 for a missing or different store).
+        """
+        meta_file = Path(path) / META_FILE
+        if Path(path).resolve() == self.path.resolve() or not meta_file.is_file():
+            return 0
+        if json.loads(meta_file.read_text()) != self.meta:
+            return 0
+        return self._read_chunks(Path(path))
+
+    def write_chunk(self, entries: list[tuple[str, np.ndarray]]) -> None:
         """Append one chunk: ``entries`` of ``(key, states (T, d))``."""
-        number = len(self.chunk_files)
+        number = len(list(self.path.glob("chunk-*.keys.json")))
         while (self.path / f"chunk-{number:05d}.keys.json").exists():
             number += 1
         data_file = self.path / f"chunk-{number:05d}.npy"
         tmp = data_file.with_suffix(".tmp.npy")
-        stacked = np.concatenate([h for _, h in entries]).astype(FEATURE_DTYPES[self.dtype])
+        stacked = np.concatenate([h for _, h in entries]).astype(self.dtype)
         np.save(tmp, stacked)
         tmp.replace(data_file)
         records, first = [], 0
@@ -266,6 +258,57 @@ class FeatureCache:
         self.chunk_files.append(data_file)
         for key, first, length in records:
             self.index[key] = (chunk, first, length)
+
+
+class FeatureCache:
+    """Features of a position table from a :class:`FeatureStore`, extracting what is missing.
+
+    Later runs with the same target reuse the store and extract only sequences it does not
+    hold, so adding data to a distillation directory extracts only the new sequences; a
+    different target (or dtype) starts a fresh store. Missing sequences are extracted in
+    the given extraction groups (restricted to the missing members), so a store built in
+    one go holds exactly what :class:`StreamingFeatures` computes.
+
+    Args:
+        path: Store directory.
+        extractor: The target's :class:`HiddenExtractor`.
+        sequences: The (truncated) token sequences the table was built from.
+        table: The position table.
+        groups: Extraction groups (:func:`extraction_groups`).
+        dtype: ``"float16"`` or ``"float32"`` on disk.
+        progress: Show a progress bar while extracting.
+        chunk_tokens: Tokens per chunk file.
+        readonly: Other stores (e.g. the one ``distill --save-features`` wrote) whose
+            sequences are read from there when their meta matches.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        extractor: HiddenExtractor,
+        sequences: list[np.ndarray],
+        table: PositionTable,
+        groups: list[np.ndarray],
+        dtype: str = "float16",
+        progress: bool = True,
+        chunk_tokens: int = 1 << 18,
+        readonly: Iterable[str | Path] = (),
+    ):
+        self.dtype = dtype
+        self.chunk_tokens = chunk_tokens
+        self.store = FeatureStore(
+            path, store_meta(extractor, extractor_width(extractor, sequences), dtype)
+        )
+        self.meta = self.store.meta
+        self.reused = sum(self.store.add_readonly(other) for other in readonly)
+        keys = [sequence_key(tokens) for tokens in sequences]
+        missing = np.array([k not in self.store.index for k in keys], dtype=bool)
+        self.built = bool(missing.any())
+        if self.built:
+            todo = [g[missing[g]] for g in groups]
+            self._extract(extractor, sequences, keys, [g for g in todo if g.size], progress)
+        self.arrays = [np.load(f, mmap_mode="r") for f in self.store.chunk_files]
+        self._locate(keys, table)
 
     def _extract(
         self,
@@ -288,15 +331,15 @@ class FeatureCache:
         for group in groups:
             hidden = extractor([sequences[i] for i in group])
             for i, h in zip(group.tolist(), hidden, strict=True):
-                if keys[i] not in self.index and all(k != keys[i] for k, _ in pending):
+                if keys[i] not in self.store.index and all(k != keys[i] for k, _ in pending):
                     pending.append((keys[i], h))
                     size += h.shape[0]
             bar.update(sum(h.shape[0] for h in hidden))
             if size >= self.chunk_tokens:
-                self._write_chunk(pending)
+                self.store.write_chunk(pending)
                 pending, size = [], 0
         if pending:
-            self._write_chunk(pending)
+            self.store.write_chunk(pending)
         bar.close()
 
     def _locate(self, keys: list[str], table: PositionTable) -> None:
@@ -304,7 +347,7 @@ class FeatureCache:
         chunk_of = np.empty(len(keys), dtype=np.int32)
         first_of = np.empty(len(keys), dtype=np.int64)
         for i, key in enumerate(keys):
-            chunk_of[i], first_of[i], _ = self.index[key]
+            chunk_of[i], first_of[i], _ = self.store.index[key]
         self.row_chunk = chunk_of[table.sequence]
         self.row_offset = first_of[table.sequence] + table.position
 

@@ -167,6 +167,8 @@ class FitOptions:
     k: int | None = None
     context: int = 4
     init_head: str | None = None
+    #: Hidden states stored by ``distill --save-features`` (set from ``--data``).
+    distilled_features: str | None = None
 
     def __post_init__(self) -> None:
         if self.k is not None:
@@ -638,17 +640,25 @@ class Trainer:
             return
         options, data = self.options, self.data
         start = time.perf_counter()
+        readonly = [options.distilled_features] if options.distilled_features else []
+        store = None
         if options.feature_cache:
+            store = Path(options.feature_cache) / "train"
+        elif readonly:  # what distill did not store is extracted next to the head
+            store = self.out / "features" / "train"
+        if store is not None:
             cache = FeatureCache(
-                Path(options.feature_cache) / "train",
+                store,
                 self.extractor,
                 data.train_tokens,
                 data.train_table,
                 data.train_groups,
                 options.feature_dtype,
                 self.progress,
+                readonly=readonly,
             )
             self.features = cache
+            self.timings["distilled_feature_sequences"] = cache.reused
             if cache.built:
                 self.timings["cache_build_s"] = time.perf_counter() - start
         else:
@@ -1031,6 +1041,9 @@ def run(args: argparse.Namespace) -> int:
         options.check()
         set_blas_threads(args.blas_threads)
         data = read_distilled(args.data, args.heldout_fraction)
+        stored = Path(args.data) / "features"
+        if (stored / "meta.json").is_file():
+            options.distilled_features = str(stored)
         model, _ = load(args.model or data.model, dtype=args.dtype)
         model.freeze()
         trainer = trainer_class(options)(
