@@ -434,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out")
     p.add_argument("--skip-ours-ar", action="store_true", help="leave out method (b), our AR path")
     p.add_argument(
-        "--tune", action="store_true", help="tune the beam shape for this device and save it"
+        "--tune",
+        action="store_true",
+        help="tune the beam shape and lookup beams (over --beam-width x --beam-length x "
+        "--lookup-beams) for this device and save them",
     )
     return p
 
@@ -474,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             args.beam_width,
             args.beam_length,
             args.max_tokens,
+            lookup_beams=[0] if args.acceptance == "redrafter" else args.lookup_beams,
+            ngram=args.ngram,
         )
         (out / "tune.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))

@@ -68,7 +68,8 @@ def with_lookup(drafter, lookup_beams: int, ngram: int):
 
 
 def lookup_beams_for(requested: int | None, acceptance: str) -> int:
-    """``--lookup-beams``: 1 by default, 0 under the ReDrafter rule (it needs the head's
+    """``--lookup-beams``: the flag, else the device profile (``bench --tune``), else
+    :data:`DEFAULT_LOOKUP_BEAMS`; always 0 under the ReDrafter rule (it needs the head's
     log-probabilities, which a combined tree does not have)."""
     if acceptance == "redrafter":
         if requested:
@@ -77,7 +78,12 @@ def lookup_beams_for(requested: int | None, acceptance: str) -> int:
                 "use --lookup-beams 0"
             )
         return 0
-    return DEFAULT_LOOKUP_BEAMS if requested is None else requested
+    if requested is not None:
+        return requested
+    from mlx_redrafter.profile import tuned_lookup_beams
+
+    tuned = tuned_lookup_beams()
+    return DEFAULT_LOOKUP_BEAMS if tuned is None else tuned
 
 
 def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:

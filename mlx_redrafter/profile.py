@@ -23,22 +23,45 @@ def profile_path() -> Path:
     return home() / "profiles" / f"{device_key()}.json"
 
 
-def tuned_shape() -> tuple[int, int] | None:
-    """``(W, L)`` saved by ``--tune`` for this device, or ``None``."""
+def read_profile() -> dict | None:
+    """This device's saved profile, or ``None`` (missing or unreadable)."""
     path = profile_path()
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tuned_shape() -> tuple[int, int] | None:
+    """``(W, L)`` saved by ``--tune`` for this device, or ``None``."""
+    data = read_profile()
+    try:
         return int(data["beam_width"]), int(data["beam_length"])
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 
-def save_profile(beam_width: int, beam_length: int, **measurements: object) -> Path:
-    """Save the tuned shape (and what was measured) for this device."""
+def tuned_lookup_beams() -> int | None:
+    """Prompt-lookup beams saved by ``--tune`` for this device, or ``None``."""
+    data = read_profile()
+    try:
+        return int(data["lookup_beams"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def save_profile(
+    beam_width: int, beam_length: int, lookup_beams: int | None = None, **measurements: object
+) -> Path:
+    """Save the tuned shape, lookup beams (and what was measured) for this device."""
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"beam_width": beam_width, "beam_length": beam_length, **measurements}
+    data: dict[str, object] = {"beam_width": beam_width, "beam_length": beam_length}
+    if lookup_beams is not None:
+        data["lookup_beams"] = lookup_beams
+    data.update(measurements)
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -1,11 +1,13 @@
 """Beam-shape tuning for this device (``python -m mlx_redrafter.bench --tune``).
 
-The speed of a beam shape ``(W, L)`` is ``tokens_per_step / (t_verify(N) + t_draft(W, L))``
-tokens per unit time, with ``N`` the packed tree size. This module measures ``t_verify(N)``
-(a tree forward over ``N`` tokens after a realistic context) and ``t_draft(W, L)`` (one beam
-search), measures tokens per step and ``N`` for every candidate shape on a few prompts,
-predicts the best shape, confirms the top candidates by timing them against AR, and saves
-the winner as this device's profile.
+The speed of a candidate ``(W, L, K)`` (beam width, beam length, prompt-lookup beams in the
+same tree) is ``tokens_per_step / (t_verify(N) + t_draft(W, L))`` tokens per unit time, with
+``N`` the packed tree size. This module measures ``t_verify(N)`` (a tree forward over ``N``
+tokens after a realistic context) and ``t_draft(W, L)`` (one beam search), measures tokens per
+step and ``N`` for every candidate on a few prompts, predicts the best one
+(:func:`predict_speedup`), confirms the top candidates by timing them against AR, and saves
+the winner as this device's profile (read by ``generate``: :func:`mlx_redrafter.cli.beam_shape`
+and :func:`mlx_redrafter.cli.lookup_beams_for`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_redrafter.cache import set_length
+from mlx_redrafter.cli import with_lookup
 from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.profile import save_profile
@@ -108,6 +111,19 @@ def measured_speedup(
     return statistics.median(ratios)
 
 
+def predict_speedup(
+    tokens_per_step: float, tree_size: float, t_draft: float, costs: dict[int, float]
+) -> float:
+    """Predicted speedup over AR: ``tokens_per_step / ((t_verify(N) + t_draft) / t_verify(1))``.
+
+    ``t_verify`` is interpolated linearly between the measured sizes ``costs`` (seconds by
+    ``N``, ``1`` included) and held at the largest one beyond them.
+    """
+    sizes = sorted(costs)
+    t_verify = float(np.interp(tree_size, sizes, [costs[n] for n in sizes]))
+    return tokens_per_step / ((t_verify + t_draft) / costs[1])
+
+
 def tune(
     model,
     tokenizer,
@@ -118,39 +134,47 @@ def tune(
     lengths: list[int],
     max_tokens: int,
     confirm: int = 2,
+    lookup_beams: list[int] | tuple[int, ...] = (0,),
+    ngram: int = 3,
 ) -> dict:
-    """Measure, predict, confirm, save; returns the report."""
+    """Measure, predict, confirm, save; returns the report.
+
+    Candidates are every ``(W, L)`` of ``widths`` x ``lengths`` with each count of
+    ``lookup_beams`` (prompt-lookup beams of n-gram size ``ngram`` in the head's tree).
+    """
     if drafter is None:
         raise ValueError("--tune needs a drafter")
     target = Target(model)
     sample = prompts[: max(3, min(8, len(prompts)))]
-    shapes = [(w, n) for w in widths for n in lengths]
-    costs = verify_costs(target, sorted({1, *range(2, max(widths) * max(lengths) + 1)}))
+    largest = (max(widths) + max(lookup_beams)) * max(lengths)
+    costs = verify_costs(target, sorted({1, *range(2, largest + 1)}))
     t_ar = costs[1]
     candidates = []
-    for width, length in shapes:
-        per_step, size = acceptance_stats(
-            model, tokenizer, drafter, sample, params, width, length, max_tokens
-        )
-        t_draft = draft_cost(drafter, target, width, length)
-        n = int(round(size))
-        predicted = per_step / ((costs.get(n, costs[max(costs)]) + t_draft) / t_ar)
-        candidates.append(
-            {
-                "beam_width": width,
-                "beam_length": length,
-                "tokens_per_step": per_step,
-                "tree_size": size,
-                "draft_cost": t_draft / t_ar,
-                "predicted_speedup": predicted,
-            }
-        )
+    drafters = {k: with_lookup(drafter, k, ngram) for k in lookup_beams}
+    for lookup, combined in drafters.items():
+        for width in widths:
+            for length in lengths:
+                per_step, size = acceptance_stats(
+                    model, tokenizer, combined, sample, params, width, length, max_tokens
+                )
+                t_draft = draft_cost(combined, target, width, length)
+                candidates.append(
+                    {
+                        "beam_width": width,
+                        "beam_length": length,
+                        "lookup_beams": lookup,
+                        "tokens_per_step": per_step,
+                        "tree_size": size,
+                        "draft_cost": t_draft / t_ar,
+                        "predicted_speedup": predict_speedup(per_step, size, t_draft, costs),
+                    }
+                )
     candidates.sort(key=lambda c: -c["predicted_speedup"])
     for cand in candidates[:confirm]:
         cand["measured_speedup"] = measured_speedup(
             model,
             tokenizer,
-            drafter,
+            drafters[cand["lookup_beams"]],
             sample,
             params,
             cand["beam_width"],
@@ -162,8 +186,8 @@ def tune(
         "verify_cost_vs_ar": {str(n): c / t_ar for n, c in costs.items()},
         "t_ar_ms": 1000 * t_ar,
         "candidates": candidates,
-        "best": {"beam_width": best["beam_width"], "beam_length": best["beam_length"]},
+        "best": {k: best[k] for k in ("beam_width", "beam_length", "lookup_beams")},
     }
-    path = save_profile(best["beam_width"], best["beam_length"], **report)
+    path = save_profile(best["beam_width"], best["beam_length"], best["lookup_beams"], **report)
     report["profile"] = str(path)
     return report

@@ -1,0 +1,92 @@
+"""``bench --tune``: the speed prediction, the candidates and the profile ``generate`` reads."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import mlx_redrafter  # noqa: F401  (before mlx.core)
+
+# isort: split
+import mlx.core as mx
+import pytest
+from test_cli import head_dir  # noqa: F401  (fixture)
+
+from mlx_redrafter import cli, profile
+from mlx_redrafter.drafters import load_drafter
+from mlx_redrafter.models import load
+from mlx_redrafter.prompts import chat_tokens
+from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.tune import predict_speedup, tune
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """An empty ``$MLX_REDRAFTER_HOME`` (no saved profile)."""
+    monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_prediction_interpolates_the_verify_cost():
+    costs = {1: 0.10, 2: 0.12, 4: 0.16}
+    # N = 3 costs 0.14 (between 2 and 4), plus 0.02 of drafting: 2 tokens per 1.6 AR steps
+    assert predict_speedup(2.0, 3.0, 0.02, costs) == pytest.approx(2.0 / 1.6)
+    assert predict_speedup(2.0, 9.0, 0.0, costs) == pytest.approx(2.0 / 1.6)  # held at N = 4
+    assert predict_speedup(1.0, 1.0, 0.0, costs) == pytest.approx(1.0)
+
+
+def test_profile_supplies_the_defaults_flags_override(home):
+    args = SimpleNamespace(beam_width=None, beam_length=None)
+    assert cli.beam_shape(args) == cli.DEFAULT_SHAPE
+    assert cli.lookup_beams_for(None, "exact") == cli.DEFAULT_LOOKUP_BEAMS
+    profile.save_profile(3, 5, 2, t_ar_ms=1.0)
+    assert cli.beam_shape(args) == (3, 5)
+    assert cli.beam_shape(SimpleNamespace(beam_width=1, beam_length=None)) == (1, 5)
+    assert cli.lookup_beams_for(None, "exact") == 2
+    assert cli.lookup_beams_for(0, "exact") == 0
+    assert cli.lookup_beams_for(None, "redrafter") == 0
+    profile.profile_path().write_text("{not json")
+    assert profile.tuned_shape() is None and profile.tuned_lookup_beams() is None
+
+
+def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
+    home,
+    tiny_model_dir,
+    head_dir,  # noqa: F811
+):
+    model, tokenizer = load(str(tiny_model_dir))
+    head = load_drafter(head_dir, model)
+    texts = ["the cat sat on the mat, the cat sat on the", "a b c a b c a b", "hello hello"]
+    prompts = [chat_tokens(tokenizer, t) for t in texts]
+    mx.random.seed(0)
+    report = tune(
+        model,
+        tokenizer,
+        head,
+        prompts,
+        SamplingParams(temp=0.0),
+        widths=[1, 2],
+        lengths=[3],
+        max_tokens=10,
+        lookup_beams=[0, 1],
+    )
+    cands = report["candidates"]
+    assert {(c["beam_width"], c["lookup_beams"]) for c in cands} == {(1, 0), (2, 0), (1, 1), (2, 1)}
+    predicted = [c["predicted_speedup"] for c in cands]
+    assert predicted == sorted(predicted, reverse=True)
+    confirmed = [c for c in cands if "measured_speedup" in c]
+    assert len(confirmed) == 2 and confirmed == cands[:2]
+    best = max(confirmed, key=lambda c: c["measured_speedup"])
+    saved = json.loads(profile.profile_path().read_text())
+    assert (saved["beam_width"], saved["beam_length"], saved["lookup_beams"]) == (
+        best["beam_width"],
+        best["beam_length"],
+        best["lookup_beams"],
+    )
+    by_key = {(c["beam_width"], c["lookup_beams"]): c for c in cands}
+    # lookup beams only ever add tokens to the tree
+    assert by_key[(1, 1)]["tree_size"] >= by_key[(1, 0)]["tree_size"]
+    assert by_key[(2, 0)]["tree_size"] > by_key[(1, 0)]["tree_size"]
+    largest = int(max(report["verify_cost_vs_ar"], key=int))
+    assert largest == (2 + 1) * 3  # verify costs measured up to the widest combined tree
+    assert cli.lookup_beams_for(None, "exact") == best["lookup_beams"]
