@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune:
+        from mlx_redrafter.profile import setup_key
         from mlx_redrafter.tune import tune
 
         report = tune(
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_tokens,
             lookup_beams=[0] if args.acceptance == "redrafter" else args.lookup_beams,
             ngram=args.ngram,
+            setup=setup_key(args.model, args.drafter),
         )
         (out / "tune.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))

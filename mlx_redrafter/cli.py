@@ -67,10 +67,11 @@ def with_lookup(drafter, lookup_beams: int, ngram: int):
     return CombinedDrafter(drafter, [(PromptLookupDrafter(ngram=ngram), lookup_beams)])
 
 
-def lookup_beams_for(requested: int | None, acceptance: str) -> int:
+def lookup_beams_for(requested: int | None, acceptance: str, setup: str | None = None) -> int:
     """``--lookup-beams``: the flag, else the device profile (``bench --tune``), else
     :data:`DEFAULT_LOOKUP_BEAMS`; always 0 under the ReDrafter rule (it needs the head's
-    log-probabilities, which a combined tree does not have)."""
+    log-probabilities, which a combined tree does not have). ``setup``:
+    :func:`mlx_redrafter.profile.setup_key` of the run (no profile without it)."""
     if acceptance == "redrafter":
         if requested:
             raise CLIError(
@@ -82,7 +83,7 @@ def lookup_beams_for(requested: int | None, acceptance: str) -> int:
         return requested
     from mlx_redrafter.profile import tuned_lookup_beams
 
-    tuned = tuned_lookup_beams()
+    tuned = None if setup is None else tuned_lookup_beams(setup)
     return DEFAULT_LOOKUP_BEAMS if tuned is None else tuned
 
 
@@ -154,7 +155,10 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     kind = drafter_kind(args)
     if kind == "head":
         drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
-        lookup = lookup_beams_for(args.lookup_beams, acceptance)
+        from mlx_redrafter.profile import setup_key
+
+        setup = setup_key(args.model, args.drafter)
+        lookup = lookup_beams_for(args.lookup_beams, acceptance, setup)
         return with_lookup(drafter, lookup, args.ngram), beam_shape(args)
     num_draft = args.num_draft_tokens
     if num_draft is None:
@@ -176,10 +180,11 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
 
 
 def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
-    """``(W, L)`` from the flags, else the device profile, else the built-in default."""
-    from mlx_redrafter.profile import tuned_shape
+    """``(W, L)`` from the flags, else the device profile for this model and drafter, else
+    the built-in default."""
+    from mlx_redrafter.profile import setup_key, tuned_shape
 
-    width, length = tuned_shape() or DEFAULT_SHAPE
+    width, length = tuned_shape(setup_key(args.model, args.drafter)) or DEFAULT_SHAPE
     return args.beam_width or width, args.beam_length or length
 
 

@@ -1,7 +1,13 @@
-"""Per-device beam-shape profile written by ``python -m mlx_redrafter.bench --tune``."""
+"""Beam-shape profiles written by ``python -m mlx_redrafter.bench --tune``.
+
+A profile belongs to one device *and* one setup (target model + drafter): the best beam
+shape depends on the device's verification cost and on the drafter's acceptance, so a
+shape tuned for one model is never applied to another.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,35 +24,48 @@ def device_key() -> str:
     return f"{platform.system()}-{platform.machine()}-{os.cpu_count()}"
 
 
-def profile_path() -> Path:
-    """Where this device's profile lives."""
-    return home() / "profiles" / f"{device_key()}.json"
+def _name(spec: str | None) -> str:
+    if spec is None or spec == "default":
+        return "default"
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
-def read_profile() -> dict | None:
-    """This device's saved profile, or ``None`` (missing or unreadable)."""
-    path = profile_path()
+def setup_key(model: str | None, drafter: str | None) -> str:
+    """The setup a profile is for: ``--model`` and ``--drafter`` (resolved paths)."""
+    return f"model={_name(model)} drafter={_name(drafter)}"
+
+
+def profile_path(setup: str) -> Path:
+    """Where this device's profile for ``setup`` (:func:`setup_key`) lives."""
+    digest = hashlib.sha1(setup.encode()).hexdigest()[:12]
+    return home() / "profiles" / f"{device_key()}-{digest}.json"
+
+
+def read_profile(setup: str) -> dict | None:
+    """This device's saved profile for ``setup``, or ``None`` (missing or unreadable)."""
+    path = profile_path(setup)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except ValueError:
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and data.get("setup") == setup else None
 
 
-def tuned_shape() -> tuple[int, int] | None:
-    """``(W, L)`` saved by ``--tune`` for this device, or ``None``."""
-    data = read_profile()
+def tuned_shape(setup: str) -> tuple[int, int] | None:
+    """``(W, L)`` saved by ``--tune`` for ``setup`` on this device, or ``None``."""
+    data = read_profile(setup)
     try:
         return int(data["beam_width"]), int(data["beam_length"])
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def tuned_lookup_beams() -> int | None:
-    """Prompt-lookup beams saved by ``--tune`` for this device, or ``None``."""
-    data = read_profile()
+def tuned_lookup_beams(setup: str) -> int | None:
+    """Prompt-lookup beams saved by ``--tune`` for ``setup`` on this device, or ``None``."""
+    data = read_profile(setup)
     try:
         return int(data["lookup_beams"])
     except (KeyError, TypeError, ValueError):
@@ -54,12 +73,16 @@ def tuned_lookup_beams() -> int | None:
 
 
 def save_profile(
-    beam_width: int, beam_length: int, lookup_beams: int | None = None, **measurements: object
+    setup: str,
+    beam_width: int,
+    beam_length: int,
+    lookup_beams: int | None = None,
+    **measurements: object,
 ) -> Path:
-    """Save the tuned shape, lookup beams (and what was measured) for this device."""
-    path = profile_path()
+    """Save the tuned shape, lookup beams (and what was measured) for ``setup``."""
+    path = profile_path(setup)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, object] = {"beam_width": beam_width, "beam_length": beam_length}
+    data: dict[str, object] = {"setup": setup, "beam_width": beam_width, "beam_length": beam_length}
     if lookup_beams is not None:
         data["lookup_beams"] = lookup_beams
     data.update(measurements)

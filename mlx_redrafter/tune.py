@@ -136,11 +136,13 @@ def tune(
     confirm: int = 2,
     lookup_beams: list[int] | tuple[int, ...] = (0,),
     ngram: int = 3,
+    setup: str = "model=default drafter=default",
 ) -> dict:
     """Measure, predict, confirm, save; returns the report.
 
     Candidates are every ``(W, L)`` of ``widths`` x ``lengths`` with each count of
     ``lookup_beams`` (prompt-lookup beams of n-gram size ``ngram`` in the head's tree).
+    The winner is saved for ``setup`` (:func:`mlx_redrafter.profile.setup_key`).
     """
     if drafter is None:
         raise ValueError("--tune needs a drafter")
@@ -188,6 +190,8 @@ def tune(
         "candidates": candidates,
         "best": {k: best[k] for k in ("beam_width", "beam_length", "lookup_beams")},
     }
-    path = save_profile(best["beam_width"], best["beam_length"], best["lookup_beams"], **report)
+    path = save_profile(
+        setup, best["beam_width"], best["beam_length"], best["lookup_beams"], **report
+    )
     report["profile"] = str(path)
     return report

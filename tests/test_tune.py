@@ -35,18 +35,24 @@ def test_prediction_interpolates_the_verify_cost():
     assert predict_speedup(1.0, 1.0, 0.0, costs) == pytest.approx(1.0)
 
 
-def test_profile_supplies_the_defaults_flags_override(home):
-    args = SimpleNamespace(beam_width=None, beam_length=None)
+def test_profile_supplies_the_defaults_flags_override(home, tmp_path):
+    args = SimpleNamespace(beam_width=None, beam_length=None, model=None, drafter=None)
+    setup = profile.setup_key(None, None)
+    assert setup == profile.setup_key(None, "default")
     assert cli.beam_shape(args) == cli.DEFAULT_SHAPE
-    assert cli.lookup_beams_for(None, "exact") == cli.DEFAULT_LOOKUP_BEAMS
-    profile.save_profile(3, 5, 2, t_ar_ms=1.0)
+    assert cli.lookup_beams_for(None, "exact", setup) == cli.DEFAULT_LOOKUP_BEAMS
+    profile.save_profile(setup, 3, 5, 2, t_ar_ms=1.0)
     assert cli.beam_shape(args) == (3, 5)
-    assert cli.beam_shape(SimpleNamespace(beam_width=1, beam_length=None)) == (1, 5)
-    assert cli.lookup_beams_for(None, "exact") == 2
-    assert cli.lookup_beams_for(0, "exact") == 0
-    assert cli.lookup_beams_for(None, "redrafter") == 0
-    profile.profile_path().write_text("{not json")
-    assert profile.tuned_shape() is None and profile.tuned_lookup_beams() is None
+    assert cli.beam_shape(SimpleNamespace(**{**vars(args), "beam_width": 1})) == (1, 5)
+    assert cli.lookup_beams_for(None, "exact", setup) == 2
+    assert cli.lookup_beams_for(0, "exact", setup) == 0
+    assert cli.lookup_beams_for(None, "redrafter", setup) == 0
+    # a profile is for one model and drafter: another model gets the built-in defaults
+    other = SimpleNamespace(**{**vars(args), "model": str(tmp_path)})
+    assert cli.beam_shape(other) == cli.DEFAULT_SHAPE
+    assert profile.tuned_lookup_beams(profile.setup_key(str(tmp_path), None)) is None
+    profile.profile_path(setup).write_text("{not json")
+    assert profile.tuned_shape(setup) is None and profile.tuned_lookup_beams(setup) is None
 
 
 def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
@@ -69,6 +75,7 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
         lengths=[3],
         max_tokens=10,
         lookup_beams=[0, 1],
+        setup=profile.setup_key(str(tiny_model_dir), str(head_dir)),
     )
     cands = report["candidates"]
     assert {(c["beam_width"], c["lookup_beams"]) for c in cands} == {(1, 0), (2, 0), (1, 1), (2, 1)}
@@ -77,7 +84,8 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     confirmed = [c for c in cands if "measured_speedup" in c]
     assert len(confirmed) == 2 and confirmed == cands[:2]
     best = max(confirmed, key=lambda c: c["measured_speedup"])
-    saved = json.loads(profile.profile_path().read_text())
+    setup = profile.setup_key(str(tiny_model_dir), str(head_dir))
+    saved = json.loads(profile.profile_path(setup).read_text())
     assert (saved["beam_width"], saved["beam_length"], saved["lookup_beams"]) == (
         best["beam_width"],
         best["beam_length"],
@@ -89,4 +97,5 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     assert by_key[(2, 0)]["tree_size"] > by_key[(1, 0)]["tree_size"]
     largest = int(max(report["verify_cost_vs_ar"], key=int))
     assert largest == (2 + 1) * 3  # verify costs measured up to the widest combined tree
-    assert cli.lookup_beams_for(None, "exact") == best["lookup_beams"]
+    assert cli.lookup_beams_for(None, "exact", setup) == best["lookup_beams"]
+    assert cli.lookup_beams_for(None, "exact") == cli.DEFAULT_LOOKUP_BEAMS
