@@ -1,5 +1,6 @@
 """Shared fixtures. ``mlx_redrafter`` is imported first so MLX binds OpenBLAS."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,3 +17,16 @@ from tiny_models import save_tiny_model_dir  # noqa: E402
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny llama + byte-level tokenizer saved as an mlx-lm model directory."""
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def head_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A random (untrained) ReDrafter head for ``tiny_model_dir``, saved."""
+    import mlx.core as mx
+
+    from mlx_redrafter.drafters.redrafter import ReDrafterConfig, ReDrafterHead, save_drafter
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    mx.random.seed(0)
+    head = ReDrafterHead(ReDrafterConfig(cfg["vocab_size"], cfg["hidden_size"], 96, 1))
+    return save_drafter(head, tmp_path_factory.mktemp("head"))

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 from tiny_models import tiny_config
 
@@ -15,14 +14,6 @@ def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "mlx_redrafter.generate", *args], capture_output=True, text=True
     )
-
-
-@pytest.fixture(scope="module")
-def head_dir(tmp_path_factory, tiny_model_dir):
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    mx.random.seed(0)
-    head = ReDrafterHead(ReDrafterConfig(cfg["vocab_size"], cfg["hidden_size"], 96, 1))
-    return save_drafter(head, tmp_path_factory.mktemp("head"))
 
 
 def _text_and_stats(stdout: str) -> tuple[str, list[str]]:

@@ -10,7 +10,6 @@ import mlx_redrafter  # noqa: F401  (before mlx.core)
 # isort: split
 import mlx.core as mx
 import pytest
-from test_cli import head_dir  # noqa: F401  (fixture)
 
 from mlx_redrafter import cli, profile
 from mlx_redrafter.drafters import load_drafter
@@ -58,7 +57,7 @@ def test_profile_supplies_the_defaults_flags_override(home, tmp_path):
 def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     home,
     tiny_model_dir,
-    head_dir,  # noqa: F811
+    head_dir,
 ):
     model, tokenizer = load(str(tiny_model_dir))
     head = load_drafter(head_dir, model)

@@ -326,12 +326,17 @@ def check_token_ids(data: PreparedData, vocab_size: int) -> None:
                 )
 
 
+def training_counts(train: list[Sequence], vocab_size: int, options: FitOptions) -> np.ndarray:
+    """``(V,)`` counts of the training response tokens, truncated at ``--max-seq-len``."""
+    cap = options.max_seq_len
+    return response_token_counts(((t[:cap], s) for t, s in train), vocab_size)
+
+
 def choose_vocab(
     train: list[Sequence], vocab_size: int, options: FitOptions
 ) -> tuple[DraftVocab | None, float]:
     """The reduced draft vocabulary (``None`` for the full one) and its training coverage."""
-    cap = options.max_seq_len
-    counts = response_token_counts(((t[:cap], s) for t, s in train), vocab_size)
+    counts = training_counts(train, vocab_size, options)
     if options.draft_vocab is None and options.draft_coverage is None:
         return None, 1.0
     vocab = build_draft_vocab(
@@ -399,10 +404,7 @@ def build_head(
 
 def training_coverage(vocab: DraftVocab, train: list[Sequence], options: FitOptions) -> float:
     """Share of the (truncated) training response tokens inside ``vocab``."""
-    cap = options.max_seq_len
-    return coverage_of(
-        vocab.ids, response_token_counts(((t[:cap], s) for t, s in train), vocab.vocab_size)
-    )
+    return coverage_of(vocab.ids, training_counts(train, vocab.vocab_size, options))
 
 
 class Trainer:
