@@ -22,7 +22,7 @@ from mlx_redrafter.cache import set_length
 from mlx_redrafter.cli import with_lookup
 from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.engine import StepStats, stream_generate
-from mlx_redrafter.profile import save_profile
+from mlx_redrafter.profile import save_profile, setup_key
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import pack
@@ -136,13 +136,14 @@ def tune(
     confirm: int = 2,
     lookup_beams: list[int] | tuple[int, ...] = (0,),
     ngram: int = 3,
-    setup: str = "model=default drafter=default",
+    setup: str | None = None,
 ) -> dict:
     """Measure, predict, confirm, save; returns the report.
 
     Candidates are every ``(W, L)`` of ``widths`` x ``lengths`` with each count of
     ``lookup_beams`` (prompt-lookup beams of n-gram size ``ngram`` in the head's tree).
-    The winner is saved for ``setup`` (:func:`mlx_redrafter.profile.setup_key`).
+    The winner is saved for ``setup`` (:func:`mlx_redrafter.profile.setup_key`; default:
+    the default model and drafter).
     """
     if drafter is None:
         raise ValueError("--tune needs a drafter")
@@ -191,7 +192,11 @@ def tune(
         "best": {k: best[k] for k in ("beam_width", "beam_length", "lookup_beams")},
     }
     path = save_profile(
-        setup, best["beam_width"], best["beam_length"], best["lookup_beams"], **report
+        setup_key(None, None) if setup is None else setup,
+        best["beam_width"],
+        best["beam_length"],
+        best["lookup_beams"],
+        **report,
     )
     report["profile"] = str(path)
     return report

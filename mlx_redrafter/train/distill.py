@@ -57,6 +57,7 @@ from mlx_redrafter.train.data import (
     write_meta,
 )
 from mlx_redrafter.train.features import (
+    DISTILLED_DIR,
     FeatureStore,
     HiddenExtractor,
     extractor_width,
@@ -408,8 +409,6 @@ class FeatureSink:
         store: The ``OUT/features`` store.
     """
 
-    #: Subdirectory of the data directory holding the states.
-    DIR = "features"
     DTYPE = "float16"
 
     def __init__(self, store: FeatureStore):
@@ -421,7 +420,7 @@ class FeatureSink:
         """The store of data directory ``out`` for ``model`` (emptied if it was another's)."""
         extractor = HiddenExtractor(model)
         width = extractor_width(extractor, [np.ones(1, np.int32)])
-        return cls(FeatureStore(out / cls.DIR, store_meta(extractor, width, cls.DTYPE)))
+        return cls(FeatureStore(out / DISTILLED_DIR, store_meta(extractor, width, cls.DTYPE)))
 
     def add(self, sequence: Sequence, hidden: np.ndarray) -> None:
         """Buffer ``hidden`` ``(T, d)`` of ``sequence`` (``T`` its token count)."""

@@ -40,6 +40,8 @@ PAD_MULTIPLE = 32
 PAD_ID = 0
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 META_FILE = "meta.json"
+#: Subdirectory of a distillation data directory holding ``distill --save-features``'s store.
+DISTILLED_DIR = "features"
 DATA_FILE = "features.npy"
 
 

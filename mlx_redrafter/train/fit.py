@@ -55,6 +55,7 @@ from mlx_redrafter.drafters.redrafter import (
 from mlx_redrafter.train.batch_generate import split_model
 from mlx_redrafter.train.evaluate import EvalResult, evaluate
 from mlx_redrafter.train.features import (
+    DISTILLED_DIR,
     FEATURE_DTYPES,
     FeatureCache,
     FeatureSource,
@@ -1043,7 +1044,7 @@ def run(args: argparse.Namespace) -> int:
         options.check()
         set_blas_threads(args.blas_threads)
         data = read_distilled(args.data, args.heldout_fraction)
-        stored = Path(args.data) / "features"
+        stored = Path(args.data) / DISTILLED_DIR
         if (stored / "meta.json").is_file():
             options.distilled_features = str(stored)
         model, _ = load(args.model or data.model, dtype=args.dtype)
