@@ -17,6 +17,7 @@ from engine_walks import assert_engine_follows_walks
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from test_train import (
+    assert_groups_match_rescoring,
     base_options,
     greedy_responses,
     one_blas_thread,
@@ -368,6 +369,11 @@ def test_parallel_head_learns_the_language(trained):
     assert np.mean(history[-10:]) < 0.1 * np.mean(history[:5])
 
 
+def test_category_groups_equal_scoring_their_sequences_alone(model, trained):
+    trainer, _ = trained
+    assert_groups_match_rescoring(model, trainer.head, trainer.head.config.num_masks + 1)
+
+
 def test_trained_head_round_trips_and_decodes_losslessly(trained, model, tmp_path):
     trainer, _ = trained
     out = Path(trainer.options.out)
@@ -427,3 +433,15 @@ def test_cli_fit_parallel_writes_a_head_the_drafter_loader_opens(tiny_model_dir,
     assert drafter.head.config.draft_vocab_size == 20 and drafter.hidden_window == 2
     assert main([*argv, "--soft-targets", "0.5"]) == 2
     assert "soft-targets" in capsys.readouterr().err
+    # ``train evaluate`` scores a parallel head too, at L <= k + 1
+    scores = tmp_path / "scores.json"
+    evaluate = ["evaluate", "--head", str(out), "--data", str(data), "--model", str(tiny_model_dir)]
+    assert (
+        main([*evaluate, "--beam-length", "4", "--beam-widths", "1,2", "--json", str(scores)]) == 0
+    )
+    assert "(parallel), L = 4" in capsys.readouterr().out
+    (row,) = json.loads(scores.read_text())
+    assert row["sequences"] == 24 and len(row["top1_by_depth"]) == 3
+    assert set(row["decode_tokens_per_step"]) == {"1", "2"}
+    assert main([*evaluate, "--beam-length", "5"]) == 2
+    assert "drafts 3 tokens, so L <= 4" in capsys.readouterr().err

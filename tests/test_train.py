@@ -46,6 +46,7 @@ from mlx_redrafter.train.objective import (
     draft_labels,
     sequence_positions,
 )
+from mlx_redrafter.train.score import score, teacher_forced
 from mlx_redrafter.train.vocab import (
     build_draft_vocab,
     coverage_of,
@@ -378,6 +379,43 @@ def top1_ids(trainer: Trainer, table) -> np.ndarray:
     fed = trainer.embedding(mx.array(np.maximum(table.windows[:, :-1], 0)))
     logits = depth_logits(trainer.head, mx.array(trainer.heldout_features), fed)
     return np.array(trainer.head.to_target_ids(mx.argmax(logits, axis=-1)))
+
+
+def assert_groups_match_rescoring(model, head, length: int) -> None:
+    """``train evaluate``'s category rows read the per-row outcomes of one run: a group of
+    sequences scores exactly what scoring those sequences alone gives (and is not trivial)."""
+    rng = np.random.default_rng(31)
+    sequences = []
+    for tokens, start in second_order_language(12, seed=31):  # a quarter of the tokens noise
+        noisy = np.where(
+            rng.random(tokens.size) < 0.25, rng.integers(3, VOCAB, tokens.size), tokens
+        )
+        sequences.append((noisy.astype(tokens.dtype), start))
+    embedding = find_input_embedding(model)
+    table, features = teacher_forced(model, sequences, length)
+    scoring = score(head, embedding, sequences, table, features, (2,), lookup_beams=1)
+    picked = np.array([1, 4, 5, 9])
+    part = [sequences[i] for i in picked]
+    part_table, part_features = teacher_forced(model, part, length)
+    alone = score(head, embedding, part, part_table, part_features, (2,), lookup_beams=1)
+    got, want = scoring.group("g", picked).to_dict(), alone.group("g").to_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, dict):
+            assert got[key].keys() == value.keys(), key
+            got[key], value = list(got[key].values()), list(value.values())
+        if isinstance(value, str):
+            assert got[key] == value
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert want["decode_tokens_per_step"]["1"] > 1.5 and want["sequences"] == 4
+    other = scoring.group("h", np.array([0, 2, 3])).to_dict()
+    assert other["response_tokens"] != want["response_tokens"] or other != want
+
+
+def test_category_groups_equal_scoring_their_sequences_alone(model, trained):
+    trainer, _ = trained
+    assert_groups_match_rescoring(model, trainer.head, trainer.options.beam_length)
 
 
 def test_written_head_loads_and_round_trips_apple_format(model, trained, tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -138,7 +139,7 @@ def _embed(embedding: Embedder, ids: np.ndarray) -> mx.array:
     return embedding(mx.array(np.where(ids == PAD, 0, ids).astype(np.int32)))
 
 
-def _top_ids(logits: mx.array, head: ReDrafterHead, m: int) -> np.ndarray:
+def _top_ids(logits: mx.array, head: ReDrafterHead | HeadScorer, m: int) -> np.ndarray:
     """``(n, L-1, m)`` target ids of the ``m`` largest logits ``(n, L-1, K)``, best first."""
     m = min(m, logits.shape[-1])
     candidates = mx.argpartition(-logits, kth=m - 1, axis=-1)[..., :m]
@@ -172,6 +173,154 @@ def beam_accepted(
     return leading_run(correct.reshape(-1, length - 1)).reshape(-1, width).max(axis=1)
 
 
+@dataclass
+class RowMetrics:
+    """What a head got right at every row of a :class:`PositionTable` (``N`` rows, ``D``
+    depths); :func:`summarise` turns it into an :class:`EvalResult`, for all rows or for a
+    subset (:meth:`take`) without running the head again.
+
+    Attributes:
+        within: ``(N, D, TOP_M)`` whether the depth target is among the head's ``m`` best.
+        in_loss: ``(N, D)`` which depth targets exist.
+        loss: ``(N,)`` summed per-depth cross-entropy of each row.
+        accepted: ``(N,)`` accepted drafts at each row, by beam width (0 at rows the engine
+            never meets when ``W > 1``).
+    """
+
+    within: np.ndarray
+    in_loss: np.ndarray
+    loss: np.ndarray
+    accepted: dict[int, np.ndarray]
+
+    def take(self, rows: np.ndarray) -> RowMetrics:
+        """The metrics of ``rows`` (indices or a boolean mask over the ``N`` rows)."""
+        return RowMetrics(
+            self.within[rows],
+            self.in_loss[rows],
+            self.loss[rows],
+            {w: a[rows] for w, a in self.accepted.items()},
+        )
+
+
+class HeadScorer(Protocol):
+    """How :func:`row_metrics` runs one kind of head over table rows."""
+
+    def logits(self, rows: np.ndarray) -> mx.array:
+        """Draft logits ``(n, D, K)`` at table ``rows`` ``(n,)``."""
+        ...
+
+    def to_target_ids(self, ids: mx.array) -> mx.array:
+        """Target ids of draft-vocabulary ids (any shape)."""
+        ...
+
+    def tree_accepted(self, rows: np.ndarray, logits: mx.array, width: int) -> np.ndarray:
+        """``(n,)`` longest right run over the head's ``width`` beams at ``rows`` ``(n,)``,
+        whose logits ``(n, D, K)`` are given."""
+        ...
+
+
+@dataclass
+class ReDrafterScorer:
+    """A ReDrafter head over a table's rows: teacher-forced depth logits, and the engine's
+    beam search for ``W > 1``."""
+
+    head: ReDrafterHead
+    embedding: Embedder
+    table: PositionTable
+    #: ``(N, d)`` hidden states of the table's rows.
+    features: np.ndarray
+
+    def logits(self, rows: np.ndarray) -> mx.array:
+        """``(n, L-1, K)`` logits with the true tokens fed to the recurrent state."""
+        hidden = mx.array(self.features[rows]).astype(mx.float32)
+        fed = _embed(self.embedding, self.table.windows[rows, :-1]).astype(mx.float32)
+        return depth_logits(self.head, hidden, fed)
+
+    def to_target_ids(self, ids: mx.array) -> mx.array:
+        """Target ids of draft ids."""
+        return self.head.to_target_ids(ids)
+
+    def tree_accepted(self, rows: np.ndarray, logits: mx.array, width: int) -> np.ndarray:
+        """Accepted drafts of the beam search at ``rows`` (``logits`` unused: beams depend
+        on the drafted prefix)."""
+        hidden = mx.array(self.features[rows]).astype(mx.float32)
+        return beam_accepted(
+            self.head,
+            self.embedding,
+            hidden,
+            self.table.windows[rows],
+            self.table.in_loss[rows],
+            width,
+        )
+
+
+def row_metrics(
+    scorer: HeadScorer,
+    table: PositionTable,
+    target_to_draft: np.ndarray | None,
+    batch_size: int = 256,
+    beam_widths: tuple[int, ...] = (),
+) -> RowMetrics:
+    """Run ``scorer`` over every row of ``table``, ``batch_size`` rows per forward.
+
+    Args:
+        scorer: The head (:class:`ReDrafterScorer` or the parallel head's scorer).
+        table: The positions.
+        target_to_draft: Training labels ``(V,)`` (for the loss), ``None`` = full vocabulary.
+        batch_size: Rows per forward.
+        beam_widths: Beam widths ``W > 1`` to simulate as well (at the rows the engine can
+            meet only).
+    """
+    depths = table.length - 1
+    within = np.zeros((table.size, depths, TOP_M), dtype=bool)
+    losses = np.zeros(table.size)
+    widths = [1, *sorted({w for w in beam_widths if w > 1})]
+    accepted = {w: np.zeros(table.size, dtype=np.int64) for w in widths}
+    for lo in range(0, table.size, batch_size):
+        rows = np.arange(lo, min(lo + batch_size, table.size))
+        windows, in_loss = table.windows[rows], table.in_loss[rows]
+        logits = scorer.logits(rows)[:, :depths]
+        labels, mask = draft_labels(windows, in_loss, target_to_draft)
+        losses[rows] = np.array(masked_cross_entropy(logits, mx.array(labels), mx.array(mask), 1))
+        ranked = _top_ids(logits, scorer, TOP_M)
+        found = ranked == windows[:, 1:, None]
+        hits = np.cumsum(found, axis=-1) > 0
+        if hits.shape[-1] < TOP_M:
+            hits = np.concatenate(
+                [hits, np.repeat(hits[..., -1:], TOP_M - hits.shape[-1], axis=-1)], axis=-1
+            )
+        within[rows] = hits & in_loss[..., None]
+        accepted[1][rows] = leading_run(found[..., 0] & in_loss)
+        chain = np.flatnonzero(table.at_inference[rows])
+        for width in widths[1:]:
+            if chain.size:
+                accepted[width][rows[chain]] = scorer.tree_accepted(
+                    rows[chain], logits[mx.array(chain)], width
+                )
+    return RowMetrics(within, table.in_loss.copy(), losses, accepted)
+
+
+def summarise(table: PositionTable, metrics: RowMetrics) -> EvalResult:
+    """The :class:`EvalResult` of ``metrics`` over ``table`` (the rows they describe)."""
+    counts = metrics.in_loss.sum(axis=0)
+    chain_rows = table.at_inference
+    with_loss = int(metrics.in_loss.any(axis=1).sum())
+    return EvalResult(
+        topk=metrics.within.sum(axis=0) / np.maximum(counts, 1)[:, None],
+        counts=counts,
+        loss=float(metrics.loss.sum() / max(1, with_loss)),
+        positions=int(chain_rows.sum()),
+        tokens_per_step={
+            w: float(1.0 + a[chain_rows].mean()) if chain_rows.any() else float("nan")
+            for w, a in metrics.accepted.items()
+        },
+        decode_tokens_per_step={
+            w: decode_tokens_per_step(table, a) for w, a in metrics.accepted.items()
+        },
+        accepted=metrics.accepted,
+    )
+
+
 def evaluate(
     head: ReDrafterHead,
     embedding: Embedder,
@@ -192,54 +341,8 @@ def evaluate(
         batch_size: Positions per forward.
         beam_widths: Beam widths ``W > 1`` to simulate as well.
     """
-    depths = table.length - 1
-    hits = np.zeros((depths, TOP_M))
-    counts = np.zeros(depths, dtype=np.int64)
-    widths = [1, *sorted({w for w in beam_widths if w > 1})]
-    accepted = {w: np.zeros(table.size, dtype=np.int64) for w in widths}
-    loss_total, loss_positions = 0.0, 0
-    for lo in range(0, table.size, batch_size):
-        rows = np.arange(lo, min(lo + batch_size, table.size))
-        windows, in_loss = table.windows[rows], table.in_loss[rows]
-        hidden = mx.array(features[rows]).astype(mx.float32)
-        fed = _embed(embedding, windows[:, :-1]).astype(mx.float32)
-        logits = depth_logits(head, hidden, fed)
-        labels, mask = draft_labels(windows, in_loss, target_to_draft)
-        loss_total += masked_cross_entropy(logits, mx.array(labels), mx.array(mask)).sum().item()
-        loss_positions += int(in_loss.any(axis=1).sum())
-        ranked = _top_ids(logits, head, TOP_M)
-        found = ranked == windows[:, 1:, None]
-        within = np.cumsum(found, axis=-1) > 0
-        if within.shape[-1] < TOP_M:
-            pad = np.repeat(within[..., -1:], TOP_M - within.shape[-1], axis=-1)
-            within = np.concatenate([within, pad], axis=-1)
-        hits += (within & in_loss[..., None]).sum(axis=0)
-        counts += in_loss.sum(axis=0)
-        accepted[1][rows] = leading_run(found[..., 0] & in_loss)
-        chain = np.flatnonzero(table.at_inference[rows])
-        for width in widths[1:]:
-            if chain.size:
-                accepted[width][rows[chain]] = beam_accepted(
-                    head,
-                    embedding,
-                    hidden[mx.array(chain)],
-                    windows[chain],
-                    in_loss[chain],
-                    width,
-                )
-    chain_rows = table.at_inference
-    return EvalResult(
-        topk=hits / np.maximum(counts, 1)[:, None],
-        counts=counts,
-        loss=loss_total / max(1, loss_positions),
-        positions=int(chain_rows.sum()),
-        tokens_per_step={
-            w: float(1.0 + a[chain_rows].mean()) if chain_rows.any() else float("nan")
-            for w, a in accepted.items()
-        },
-        decode_tokens_per_step={w: decode_tokens_per_step(table, a) for w, a in accepted.items()},
-        accepted=accepted,
-    )
+    scorer = ReDrafterScorer(head, embedding, table, features)
+    return summarise(table, row_metrics(scorer, table, target_to_draft, batch_size, beam_widths))
 
 
 def lookup_accepted(

@@ -308,10 +308,13 @@ def teacher_projection(lm_head: nn.Module, width: int, draft_ids: mx.array | Non
     return full if draft_ids is None else mx.take(full, draft_ids, axis=1)
 
 
-def masked_cross_entropy(logits: mx.array, labels: mx.array, mask: mx.array) -> mx.array:
-    """``(L-1,)`` per-depth sums of the cross-entropy of ``logits`` ``(n, L-1, K)``.
+def masked_cross_entropy(
+    logits: mx.array, labels: mx.array, mask: mx.array, axis: int = 0
+) -> mx.array:
+    """Sums of the cross-entropy of ``logits`` ``(n, L-1, K)``: per depth ``(L-1,)``
+    (``axis=0``) or per row ``(n,)`` (``axis=1``).
 
     Only entries where ``mask`` ``(n, L-1)`` is set count; ``labels`` ``(n, L-1)`` int32.
     """
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), labels, reduction="none")
-    return mx.where(mask, ce, 0.0).sum(axis=0)
+    return mx.where(mask, ce, 0.0).sum(axis=axis)

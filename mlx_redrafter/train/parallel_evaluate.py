@@ -11,6 +11,7 @@ longest right run over its beams counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
@@ -21,14 +22,13 @@ from mlx_redrafter.drafters.beam_search import Embedder
 from mlx_redrafter.drafters.factorized_tree import factorized_tree
 from mlx_redrafter.drafters.parallel import ParallelHead
 from mlx_redrafter.train.evaluate import (
-    TOP_M,
     EvalResult,
     _embed,
-    _top_ids,
-    decode_tokens_per_step,
     leading_run,
+    row_metrics,
+    summarise,
 )
-from mlx_redrafter.train.objective import PositionTable, draft_labels, masked_cross_entropy
+from mlx_redrafter.train.objective import PositionTable
 from mlx_redrafter.train.parallel_objective import context_rows
 
 
@@ -58,6 +58,31 @@ def tree_accepted(
     return leading_run(correct.reshape(-1, depth)).reshape(-1, width).max(axis=1)
 
 
+@dataclass
+class ParallelScorer:
+    """A parallel head over a table's rows (a :class:`~mlx_redrafter.train.evaluate.HeadScorer`):
+    one pass per row, and the drafter's own tree for ``W > 1``."""
+
+    head: ParallelHead
+    embedding: Embedder
+    table: PositionTable
+    #: ``(N, d)`` hidden states of the table's rows.
+    features: np.ndarray
+
+    def logits(self, rows: np.ndarray) -> mx.array:
+        """``(n, k, K)`` logits of one pass at each row."""
+        return batch_logits(self.head, self.embedding, self.table, self.features, rows)
+
+    def to_target_ids(self, ids: mx.array) -> mx.array:
+        """Target ids of draft ids."""
+        return self.head.to_target_ids(ids)
+
+    def tree_accepted(self, rows: np.ndarray, logits: mx.array, width: int) -> np.ndarray:
+        """Accepted drafts of the ``width``-beam tree built from ``logits``."""
+        windows, in_loss = self.table.windows[rows], self.table.in_loss[rows]
+        return tree_accepted(self.head, logits, windows, in_loss, width)
+
+
 def evaluate_parallel(
     head: ParallelHead,
     embedding: Embedder,
@@ -67,7 +92,7 @@ def evaluate_parallel(
     batch_size: int = 256,
     beam_widths: tuple[int, ...] = (),
 ) -> EvalResult:
-    """Held-out metrics of ``head`` over every row of ``table`` (``L = k + 1``).
+    """Held-out metrics of ``head`` over every row of ``table`` (``L <= k + 1``).
 
     Args:
         head: The parallel head.
@@ -78,39 +103,5 @@ def evaluate_parallel(
         batch_size: Rows per forward.
         beam_widths: Beam widths ``W > 1`` to simulate as well.
     """
-    depths = table.length - 1
-    hits = np.zeros((depths, TOP_M))
-    counts = np.zeros(depths, dtype=np.int64)
-    widths = [1, *sorted({w for w in beam_widths if w > 1})]
-    accepted = {w: np.zeros(table.size, dtype=np.int64) for w in widths}
-    loss_total, loss_positions = 0.0, 0
-    for lo in range(0, table.size, batch_size):
-        rows = np.arange(lo, min(lo + batch_size, table.size))
-        windows, in_loss = table.windows[rows], table.in_loss[rows]
-        logits = batch_logits(head, embedding, table, features, rows)[:, :depths]
-        labels, mask = draft_labels(windows, in_loss, target_to_draft)
-        loss_total += masked_cross_entropy(logits, mx.array(labels), mx.array(mask)).sum().item()
-        loss_positions += int(in_loss.any(axis=1).sum())
-        ranked = _top_ids(logits, head, TOP_M)
-        found = ranked == windows[:, 1:, None]
-        within = np.cumsum(found, axis=-1) > 0
-        if within.shape[-1] < TOP_M:
-            pad = np.repeat(within[..., -1:], TOP_M - within.shape[-1], axis=-1)
-            within = np.concatenate([within, pad], axis=-1)
-        hits += (within & in_loss[..., None]).sum(axis=0)
-        counts += in_loss.sum(axis=0)
-        accepted[1][rows] = leading_run(found[..., 0] & in_loss)
-        for width in widths[1:]:
-            accepted[width][rows] = tree_accepted(head, logits, windows, in_loss, width)
-    chain_rows = table.at_inference
-    return EvalResult(
-        topk=hits / np.maximum(counts, 1)[:, None],
-        counts=counts,
-        loss=loss_total / max(1, loss_positions),
-        positions=int(chain_rows.sum()),
-        tokens_per_step={
-            w: float(1.0 + a[chain_rows].mean()) if chain_rows.any() else float("nan")
-            for w, a in accepted.items()
-        },
-        decode_tokens_per_step={w: decode_tokens_per_step(table, a) for w, a in accepted.items()},
-    )
+    scorer = ParallelScorer(head, embedding, table, features)
+    return summarise(table, row_metrics(scorer, table, target_to_draft, batch_size, beam_widths))

@@ -1,9 +1,11 @@
 """``python -m mlx_redrafter.train evaluate``: score a trained head on distilled sequences.
 
-Every sequence of a ``distill`` data directory is scored (no held-out split: distil the
+The head is a ReDrafter head or a parallel head (by its ``config.json``). Every sequence of a ``distill`` data directory is scored (no held-out split: distil the
 evaluation prompts into their own directory, e.g. MT-Bench first turns). The target's
 hidden states are computed with teacher forcing and the head is run over every response
-position, so the figures are those of :mod:`mlx_redrafter.train.evaluate`:
+position once, so the figures are those of :mod:`mlx_redrafter.train.evaluate` (and
+:mod:`~mlx_redrafter.train.parallel_evaluate`), for all sequences and, from the same per-row
+outcomes, for each category:
 
 * top-1 / top-5 accuracy by draft depth;
 * coverage: the share of response tokens inside the head's draft vocabulary (a token
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_redrafter.drafters import head_kind
+from mlx_redrafter.drafters.parallel import ParallelHead, load_head
 from mlx_redrafter.drafters.redrafter import (
     ReDrafterHead,
     find_input_embedding,
@@ -30,12 +34,17 @@ from mlx_redrafter.drafters.redrafter import (
 )
 from mlx_redrafter.train.evaluate import (
     EvalResult,
+    HeadScorer,
+    ReDrafterScorer,
+    RowMetrics,
     decode_tokens_per_step,
-    evaluate,
     lookup_accepted,
+    row_metrics,
+    summarise,
 )
 from mlx_redrafter.train.features import HiddenExtractor, dense_features, extraction_groups
 from mlx_redrafter.train.objective import PositionTable, build_position_table
+from mlx_redrafter.train.parallel_evaluate import ParallelScorer
 
 EXIT_ERROR = 2
 
@@ -72,7 +81,7 @@ class Scored:
         return out
 
 
-def coverage(head: ReDrafterHead, responses: list[np.ndarray]) -> float:
+def coverage(head: ReDrafterHead | ParallelHead, responses: list[np.ndarray]) -> float:
     """Share of the response tokens ``responses`` that the head can draft."""
     total = sum(r.size for r in responses)
     if head.draft_vocab is None or total == 0:
@@ -91,61 +100,90 @@ def teacher_forced(
     return table, dense_features(HiddenExtractor(model), tokens, table, groups, "float32")
 
 
+def scorer_for(
+    head: ReDrafterHead | ParallelHead, embedding, table: PositionTable, features: np.ndarray
+) -> HeadScorer:
+    """The :class:`HeadScorer` of ``head``'s kind."""
+    if isinstance(head, ParallelHead):
+        return ParallelScorer(head, embedding, table, features)
+    return ReDrafterScorer(head, embedding, table, features)
+
+
+@dataclass
+class Scoring:
+    """Everything measured once over all sequences; :meth:`group` reads any subset.
+
+    Attributes:
+        head: The head (for its draft vocabulary).
+        sequences: ``(tokens (T,), response_start)`` of every sequence.
+        table: Their positions.
+        metrics: The head's per-row outcomes (:func:`row_metrics`).
+        lookup: ``(N,)`` drafts prompt lookup gets accepted at each row (``None``: not
+            scored).
+    """
+
+    head: ReDrafterHead | ParallelHead
+    sequences: list[tuple[np.ndarray, int]]
+    table: PositionTable
+    metrics: RowMetrics
+    lookup: np.ndarray | None = None
+
+    def group(self, name: str = "all", picked: np.ndarray | None = None) -> Scored:
+        """Scores of the sequences with sorted indices ``picked`` (``None``: all)."""
+        if picked is None:
+            chosen, table, rows = self.sequences, self.table, np.arange(self.table.size)
+        else:
+            chosen = [self.sequences[i] for i in picked]
+            table = build_position_table(chosen, self.table.length, max(len(t) for t, _ in chosen))
+            rows = np.flatnonzero(np.isin(self.table.sequence, picked))
+            assert rows.size == table.size, "positions of a subset out of step"
+        metrics = self.metrics.take(rows)
+        responses = [np.asarray(t)[s:] for t, s in chosen]
+        scored = Scored(
+            name,
+            len(chosen),
+            int(sum(r.size for r in responses)),
+            coverage(self.head, responses),
+            summarise(table, metrics),
+        )
+        if self.lookup is not None:
+            lookup = self.lookup[rows]
+            scored.lookup_only = decode_tokens_per_step(table, lookup)
+            scored.with_lookup = {
+                w: decode_tokens_per_step(table, np.maximum(a, lookup))
+                for w, a in metrics.accepted.items()
+            }
+        return scored
+
+
 def score(
-    head: ReDrafterHead,
+    head: ReDrafterHead | ParallelHead,
     embedding,
     sequences: list[tuple[np.ndarray, int]],
     table: PositionTable,
     features: np.ndarray,
     beam_widths: tuple[int, ...] = (),
-    name: str = "all",
     lookup_beams: int = 0,
     ngram: int = 3,
-) -> Scored:
-    """Score ``head`` over ``sequences`` (``(tokens (T,), response_start)`` pairs).
+) -> Scoring:
+    """Run ``head`` once over ``sequences`` (``(tokens (T,), response_start)`` pairs).
 
     Args:
-        head: The head.
+        head: A ReDrafter or parallel head.
         embedding: The target's input embedding.
         sequences: Prompt + response ids and where each response starts.
         table: Their positions (:func:`teacher_forced`).
         features: ``(N, d)`` hidden states of the table's rows.
         beam_widths: Beam widths ``W > 1`` simulated besides ``W = 1``.
-        name: Label of the group.
         lookup_beams: Prompt-lookup beams added to the head's tree (0: the head alone).
         ngram: Longest n-gram prompt lookup matches.
     """
-    result = evaluate(head, embedding, table, features, None, beam_widths=beam_widths)
-    responses = [np.asarray(t)[s:] for t, s in sequences]
-    scored = Scored(
-        name,
-        len(sequences),
-        int(sum(r.size for r in responses)),
-        coverage(head, responses),
-        result,
-    )
+    scorer = scorer_for(head, embedding, table, features)
+    metrics = row_metrics(scorer, table, None, beam_widths=beam_widths)
+    lookup = None
     if lookup_beams > 0:
         lookup = lookup_accepted(table, [t for t, _ in sequences], ngram, lookup_beams)
-        scored.lookup_only = decode_tokens_per_step(table, lookup)
-        scored.with_lookup = {
-            w: decode_tokens_per_step(table, np.maximum(a, lookup))
-            for w, a in result.accepted.items()
-        }
-    return scored
-
-
-def subset(
-    sequences: list[tuple[np.ndarray, int]],
-    table: PositionTable,
-    features: np.ndarray,
-    picked: np.ndarray,
-) -> tuple[list[tuple[np.ndarray, int]], PositionTable, np.ndarray]:
-    """The sequences with indices ``picked`` (sorted), their table and features."""
-    chosen = [sequences[i] for i in picked]
-    sub_table = build_position_table(chosen, table.length, max(len(t) for t, _ in chosen))
-    sub_features = features[np.isin(table.sequence, picked)]
-    assert sub_features.shape[0] == sub_table.size, "positions and features out of step"
-    return chosen, sub_table, sub_features
+    return Scoring(head, sequences, table, metrics, lookup)
 
 
 def categories_of(meta: dict, count: int) -> list[str] | None:
@@ -191,7 +229,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="score a head on distilled sequences",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--head", required=True, help="draft head directory")
+    p.add_argument("--head", required=True, help="draft head directory (ReDrafter or parallel)")
     p.add_argument("--data", required=True, help="distilled data directory (all of it is scored)")
     p.add_argument("--model", default=None, help="target (default: the one recorded in DATA)")
     p.add_argument("--beam-length", type=int, default=5, help="L: root + L-1 drafts")
@@ -225,10 +263,20 @@ def run(args: argparse.Namespace) -> int:
         recorded = dataset.meta.get("model")
         model_id = args.model or (None if recorded in (None, "default") else recorded)
         model, _ = load(model_id)
-        head = load_drafter(args.head, find_input_embedding(model))
+        embedding = find_input_embedding(model)
+        kind = head_kind(args.head)
+        if kind == "parallel":
+            head = load_head(args.head, model)
+        else:
+            head = load_drafter(args.head, embedding)
         length = args.beam_length
         if length < 2:
             raise ValueError("--beam-length must be >= 2")
+        if kind == "parallel" and length > head.config.num_masks + 1:
+            raise ValueError(
+                f"--beam-length {length}: this parallel head drafts "
+                f"{head.config.num_masks} tokens, so L <= {head.config.num_masks + 1}"
+            )
         if args.lookup_beams < 0 or args.ngram < 1:
             raise ValueError("--lookup-beams must be >= 0 and --ngram >= 1")
     except (ValueError, OSError, ModelLoadError) as e:
@@ -236,18 +284,16 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     sequences = list(dataset)
     index = dataset.prompt_index
-    embedding = find_input_embedding(model)
     table, features = teacher_forced(model, sequences, length)
     lookup = {"lookup_beams": args.lookup_beams, "ngram": args.ngram}
-    rows = [score(head, embedding, sequences, table, features, tuple(widths), **lookup)]
+    scoring = score(head, embedding, sequences, table, features, tuple(widths), **lookup)
+    rows = [scoring.group()]
     categories = categories_of(dataset.meta, int(index.max()) + 1)
     if categories is not None and len({categories[i] for i in index}) > 1:
         labels = np.array([categories[i] for i in index])
         for name in sorted(set(labels.tolist())):
-            picked = np.flatnonzero(labels == name)
-            part = subset(sequences, table, features, picked)
-            rows.append(score(head, embedding, *part, tuple(widths), name=name, **lookup))
-    print(f"head {args.head}, L = {length}")
+            rows.append(scoring.group(name, np.flatnonzero(labels == name)))
+    print(f"head {args.head} ({kind}), L = {length}")
     print(format_table(rows, widths, args.lookup_beams))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
