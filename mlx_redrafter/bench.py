@@ -371,12 +371,20 @@ def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -
     return methods
 
 
-def head_methods(args: argparse.Namespace, model, tokenizer, params, head) -> list[Method]:
+def head_label(head, spec: str, several: bool) -> str:
+    """Method-name label of a head: its kind, and its directory name when the run has
+    ``several`` heads (``ReDrafter (head-a)``)."""
+    kind = "ParallelSpec" if isinstance(head, ParallelDrafter) else "ReDrafter"
+    return f"{kind} ({Path(spec).name or spec})" if several else kind
+
+
+def head_methods(
+    args: argparse.Namespace, model, tokenizer, params, head, label: str = "ReDrafter"
+) -> list[Method]:
     """Method (e): the head at every beam shape, rule and ``--lookup-beams`` count."""
     rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
     if params.greedy:
         rules = ["exact"]
-    label = "ParallelSpec" if isinstance(head, ParallelDrafter) else "ReDrafter"
     methods: list[Method] = []
     for lookup in args.lookup_beams:
         for rule in rules:
@@ -398,7 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_redrafter.bench", description=__doc__.splitlines()[0]
     )
     p.add_argument("--model", default=None, help="target model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--drafter", default="default", help="draft head dir, 'default' or 'none'")
+    p.add_argument(
+        "--drafter",
+        default="default",
+        help="draft head dir, 'default' or 'none'; several comma-separated heads are "
+        "all benchmarked, interleaved in one run",
+    )
     p.add_argument("--prompts", required=True, help="JSONL prompts (MT-Bench or {'prompt': ...})")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
@@ -450,14 +463,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, tokenizer = load(args.model, dtype=args.dtype)
-        drafter = resolve_drafter(args.drafter, args.model, model, args.acceptance)
+        specs = [spec.strip() for spec in args.drafter.split(",") if spec.strip()]
+        if len(specs) != len(set(specs)):
+            raise ValueError(f"--drafter: a head is named twice in {args.drafter!r}")
+        if args.tune and len(specs) != 1:
+            raise ValueError("--tune: give one --drafter")
+        heads = [(s, resolve_drafter(s, args.model, model, args.acceptance)) for s in specs]
+        heads = [(s, h) for s, h in heads if h is not None]
+        drafter = heads[0][1] if heads else None
         items: list[Prompt] = balanced_subset(load_prompts(args.prompts), args.num_prompts)
         params = SamplingParams(
             temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k
         )
         extra = [] if args.tune else model_drafting_methods(args, model, tokenizer, params)
-        if drafter is not None and not args.tune:
-            extra += head_methods(args, model, tokenizer, params, drafter)
+        for spec, head in [] if args.tune else heads:
+            label = head_label(head, spec, len(heads) > 1)
+            extra += head_methods(args, model, tokenizer, params, head, label)
     except (CLIError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

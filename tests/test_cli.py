@@ -72,3 +72,37 @@ def test_bench_runs_the_head_with_and_without_lookup_beams(tiny_model_dir, head_
     assert {"ReDrafter W1 L3", "ReDrafter + lookup 1 W1 L3"} <= set(rows)
     assert all(r["mismatches"] == 0 for r in rows.values())
     assert bench.main([*argv[:-4], "--lookup-beams", "-1", "--out", str(out)]) == 2
+
+
+def test_bench_interleaves_several_heads_in_one_run(tiny_model_dir, head_dir, tmp_path, capsys):
+    """``--drafter A,B``: each head is a method of the same interleaved run, named by its
+    directory; naming one twice, or tuning more than one, is refused."""
+    import mlx.core as mx
+
+    from mlx_redrafter import bench
+    from mlx_redrafter.drafters.parallel import ParallelConfig, ParallelHead, save_head
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    mx.random.seed(1)
+    parallel = ParallelHead(ParallelConfig(cfg["vocab_size"], cfg["hidden_size"], 3, num_heads=2))
+    parallel_dir = save_head(parallel, tmp_path / "par-head")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat sat on the mat, the cat"}\n{"prompt": "hello"}\n')
+    out = tmp_path / "out"
+    heads = f"{head_dir},{parallel_dir}"
+    argv = ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--max-tokens", "10"]
+    argv += ["--beam-width", "1", "--beam-length", "3", "--skip-ours-ar", "--out", str(out)]
+    argv += ["--profile-prompts", "1", "--lookup-beams", "0"]
+    assert bench.main([*argv, "--drafter", heads]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in report["summary"]}
+    want = {f"ReDrafter ({head_dir.name}) W1 L3", "ParallelSpec (par-head) W1 L3"}
+    assert want <= set(rows) and all(r["mismatches"] == 0 for r in rows.values())
+    # interleaved: every prompt ran every method
+    per_prompt = {(r["prompt"], r["method"]) for r in report["runs"]}
+    assert len(per_prompt) == 2 * len(rows)
+    capsys.readouterr()
+    assert bench.main([*argv, "--drafter", f"{parallel_dir},{parallel_dir}"]) == 2
+    assert "named twice" in capsys.readouterr().err
+    assert bench.main([*argv, "--drafter", heads, "--tune"]) == 2
+    assert "--tune: give one --drafter" in capsys.readouterr().err
