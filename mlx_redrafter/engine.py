@@ -7,6 +7,7 @@ One speculative step, read top to bottom in :func:`speculative_tokens`::
     logits  = target.tree_forward(tree)         (N, V) + hidden (N, d)          [target.py]
     result  = accept(tree, logits)              accepted path, next root token  [accept.py]
     cache   = gather_path + set_length          keep the path's K/V only        [cache.py]
+              (after the sync, and only when the path leaves the first beam)
 
 Everything in a step is lazy until the single host synchronisation that reads the accepted
 length. Pipelined drafters (ReDrafter) propose the next step's beams from the lazy
@@ -264,8 +265,6 @@ def speculative_tokens(
         tic = stats.lap("verify", tic, logits)
         result = accept(tree, logits, params, rule, draft, stochastic)
         tic = stats.lap("accept", tic, result.num_accepted, result.next_root)
-        gather_path(cache, result.path, num_cached)
-        tic = stats.lap("compact", tic, *[c.state for c in cache])
         hidden, root = tree_hidden[result.last_node], result.next_root
         if window is not None:
             window = window.advance(tree_hidden[result.path], result.num_accepted)
@@ -278,11 +277,17 @@ def speculative_tokens(
             )
             tic = stats.lap("draft", tic, draft.beams)
         # the step's single host synchronisation
-        mx.eval(result.num_accepted, result.drafted, root, *_draft_arrays(draft))
+        mx.eval(result.num_accepted, result.drafted, result.path, root, *_draft_arrays(draft))
         num = int(result.num_accepted.item())
-        set_length(cache, num_cached + num + 1)
         new = result.drafted.tolist()[:num] + [int(root.item())]
-        stats.lap("sync", tic)
+        tic = stats.lap("sync", tic)
+        kept = result.path.tolist()[: num + 1]
+        if kept != list(range(num + 1)):
+            # the path left the first beam: move its K/V next to the prefix (lazy, it runs
+            # with the next forward); a path along the first beam is already in place
+            gather_path(cache, mx.array(kept, dtype=mx.int32), num_cached)
+            stats.lap("compact", tic, *[c.state for c in cache])
+        set_length(cache, num_cached + num + 1)
         stats.steps += 1
         stats.accepted.append(num)
         stats.tree_sizes.append(tree.size)

@@ -8,7 +8,7 @@ from mlx_redrafter.drafters.base import Draft, DraftContext
 
 
 class OracleDrafter:
-    """Drafts the target's own AR continuation in beam 0 (long acceptances).
+    """Drafts the target's own AR continuation in beam ``truth_beam`` (long acceptances).
 
     Other beams share a prefix of random length with the truth and then diverge, so the
     tree has real branching. ``sequence`` is prompt + the AR output (+ padding).
@@ -17,11 +17,20 @@ class OracleDrafter:
     stochastic = False
     needs_host_tokens = False
 
-    def __init__(self, sequence: list[int], vocab_size: int, seed: int = 0, wrong_every: int = 0):
+    def __init__(
+        self,
+        sequence: list[int],
+        vocab_size: int,
+        seed: int = 0,
+        wrong_every: int = 0,
+        truth_beam: int = 0,
+    ):
         self.sequence = mx.array(sequence + [0] * 64, dtype=mx.int32)
         self.vocab_size = vocab_size
         self.key = mx.random.key(seed)
         self.wrong_every = wrong_every
+        #: The beam that holds the truth (the others are decoys sharing a prefix with it).
+        self.truth_beam = truth_beam
         self.calls = 0
 
     def reset(self, prompt_tokens: list[int]) -> None:
@@ -48,6 +57,8 @@ class OracleDrafter:
             share = mx.random.randint(1, length, key=kw1)
             noise = mx.random.randint(0, self.vocab_size, (length,), key=kw2)
             beams.append(mx.where(mx.arange(length) < share, truth, noise))
+        first = min(self.truth_beam, width - 1)
+        beams[0], beams[first] = beams[first], beams[0]
         return Draft(beams=mx.stack(beams).astype(mx.int32))
 
     def accepted(self, tokens: list[int]) -> None:

@@ -88,6 +88,36 @@ def test_greedy_speculative_equals_ar(arch, tokenizer):
     assert total_accepted > NUM_PROMPTS * NUM_TOKENS // 3
 
 
+def test_cache_moves_only_paths_that_leave_the_first_beam(tokenizer, monkeypatch):
+    """The accepted path's K/V is moved (``gather_path``) only when the path leaves the
+    first beam: never for a chain, often when the truth sits in the last beam; the output
+    equals AR either way."""
+    vocab = len(tokenizer._tokenizer)
+    model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
+    tokenizer.eos_token_ids = {10**6}
+    moved: list[int] = []
+    real = gen.gather_path
+
+    def counting(cache, path, num_prefix):
+        moved.append(int(path.shape[0]))
+        real(cache, path, num_prefix)
+
+    monkeypatch.setattr(gen, "gather_path", counting)
+    for i, prompt in enumerate(_prompts(7, vocab)[:6]):
+        ar = _tokens(model, tokenizer, prompt, 80)
+        chain = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3)
+        out = _tokens(model, tokenizer, prompt, 80, drafter=chain, beam_width=1, beam_length=5)
+        assert out == ar and moved == []
+        last = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3, truth_beam=2)
+        stats = gen.StepStats()
+        out = _tokens(
+            model, tokenizer, prompt, 80, drafter=last, beam_width=3, beam_length=5, stats=stats
+        )
+        assert out == ar, f"prompt {i}"
+        assert 0 < len(moved) <= stats.steps and sum(stats.accepted) > 80 // 3
+        moved.clear()
+
+
 def random_head(model, seed: int) -> ReDrafter:
     """An untrained ReDrafter head (random weights) for ``model``."""
     mx.random.seed(seed)
