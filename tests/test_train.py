@@ -48,6 +48,7 @@ from mlx_redrafter.train.objective import (
 )
 from mlx_redrafter.train.score import score, teacher_forced
 from mlx_redrafter.train.vocab import (
+    DraftVocab,
     build_draft_vocab,
     coverage_of,
     response_token_counts,
@@ -636,6 +637,7 @@ def test_cli_fit_trains_and_writes_a_loadable_head(tiny_model_dir, tmp_path, cap
 
 
 def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tmp_path, capsys):
+    from mlx_redrafter.models import load
     from mlx_redrafter.train.__main__ import main
     from mlx_redrafter.train.data import write_meta
 
@@ -674,6 +676,12 @@ def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tm
     vocab = np.array(load_drafter(head).draft_vocab)
     responses = np.concatenate([t[s:] for t, s in sequences])
     assert rows["all"]["coverage"] == pytest.approx(np.isin(responses, vocab).mean())
+    # the loss is over the head's draft vocabulary (out-of-vocabulary targets left out)
+    model, _ = load(str(tiny_model_dir))
+    table, features = teacher_forced(model, sequences, 4)
+    labels = DraftVocab(vocab, "mask", VOCAB).target_to_draft()
+    want = evaluate(load_drafter(head), find_input_embedding(model), table, features, labels)
+    assert rows["all"]["loss"] == pytest.approx(want.loss, rel=1e-4)
     assert main([*argv[:3], "--data", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
 

@@ -45,6 +45,7 @@ from mlx_redrafter.train.evaluate import (
 from mlx_redrafter.train.features import HiddenExtractor, dense_features, extraction_groups
 from mlx_redrafter.train.objective import PositionTable, build_position_table
 from mlx_redrafter.train.parallel_evaluate import ParallelScorer
+from mlx_redrafter.train.vocab import DraftVocab
 
 EXIT_ERROR = 2
 
@@ -98,6 +99,14 @@ def teacher_forced(
     table = build_position_table(sequences, beam_length, max(len(t) for t in tokens))
     groups = extraction_groups([len(t) for t in tokens], extract_tokens)
     return table, dense_features(HiddenExtractor(model), tokens, table, groups, "float32")
+
+
+def draft_labels_of(head: ReDrafterHead | ParallelHead) -> np.ndarray | None:
+    """``(V,)`` int32 draft id of each target id (``-1`` outside the head's draft
+    vocabulary, left out of the loss); ``None`` for a full-vocabulary head."""
+    if head.draft_vocab is None:
+        return None
+    return DraftVocab(np.array(head.draft_vocab), "mask", head.config.vocab_size).target_to_draft()
 
 
 def scorer_for(
@@ -179,7 +188,7 @@ def score(
         ngram: Longest n-gram prompt lookup matches.
     """
     scorer = scorer_for(head, embedding, table, features)
-    metrics = row_metrics(scorer, table, None, beam_widths=beam_widths)
+    metrics = row_metrics(scorer, table, draft_labels_of(head), beam_widths=beam_widths)
     lookup = None
     if lookup_beams > 0:
         lookup = lookup_accepted(table, [t for t, _ in sequences], ngram, lookup_beams)
