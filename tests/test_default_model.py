@@ -305,3 +305,28 @@ def test_real_greedy_answer_mentions_paris(real_model) -> None:
     )
     text = generate(model, tok, prompt, max_tokens=24)
     assert "Paris" in text
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("head", ["smollm2-135m-instruct", "smollm2-135m-instruct-parallel"])
+def test_shipped_heads_decode_the_real_model_losslessly(real_model, head: str) -> None:
+    """Both shipped heads load for the default model, get drafts accepted on a real prompt,
+    and the greedy output is the AR output token for token."""
+    from mlx_redrafter import engine
+    from mlx_redrafter.cli import SHIPPED_HEADS
+    from mlx_redrafter.drafters import load_drafter
+
+    model, tok = real_model
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "List three facts about the Moon."}],
+        add_generation_prompt=True,
+    )
+    ar = [r.token for r in engine.stream_generate(model, tok, prompt, max_tokens=48)]
+    stats = engine.StepStats()
+    drafter = load_drafter(SHIPPED_HEADS / head, model)
+    spec = engine.stream_generate(
+        model, tok, prompt, max_tokens=48, drafter=drafter, beam_width=1, beam_length=4,
+        stats=stats,
+    )  # fmt: skip
+    assert [r.token for r in spec] == ar
+    assert sum(stats.accepted) >= 8, stats.accepted
