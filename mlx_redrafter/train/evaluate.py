@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +41,9 @@ from mlx_redrafter.train.objective import (
     draft_labels,
     masked_cross_entropy,
 )
+
+if TYPE_CHECKING:
+    from mlx_redrafter.drafters.parallel import ParallelHead
 
 #: Largest ``m`` of the reported top-``m`` accuracies.
 TOP_M = 5
@@ -321,8 +324,23 @@ def summarise(table: PositionTable, metrics: RowMetrics) -> EvalResult:
     )
 
 
+def scorer_for(
+    head: ReDrafterHead | ParallelHead,
+    embedding: Embedder,
+    table: PositionTable,
+    features: np.ndarray,
+) -> HeadScorer:
+    """The :class:`HeadScorer` of ``head``'s kind over ``table`` (features ``(N, d)``)."""
+    from mlx_redrafter.drafters.parallel import ParallelHead
+    from mlx_redrafter.train.parallel_evaluate import ParallelScorer
+
+    if isinstance(head, ParallelHead):
+        return ParallelScorer(head, embedding, table, features)
+    return ReDrafterScorer(head, embedding, table, features)
+
+
 def evaluate(
-    head: ReDrafterHead,
+    head: ReDrafterHead | ParallelHead,
     embedding: Embedder,
     table: PositionTable,
     features: np.ndarray,
@@ -330,7 +348,8 @@ def evaluate(
     batch_size: int = 256,
     beam_widths: tuple[int, ...] = (),
 ) -> EvalResult:
-    """Held-out metrics of ``head`` over every row of ``table``.
+    """Held-out metrics of ``head`` (a ReDrafter or a parallel head, ``L <= k + 1``) over
+    every row of ``table``.
 
     Args:
         head: The head.
@@ -341,7 +360,7 @@ def evaluate(
         batch_size: Positions per forward.
         beam_widths: Beam widths ``W > 1`` to simulate as well.
     """
-    scorer = ReDrafterScorer(head, embedding, table, features)
+    scorer = scorer_for(head, embedding, table, features)
     return summarise(table, row_metrics(scorer, table, target_to_draft, batch_size, beam_widths))
 
 

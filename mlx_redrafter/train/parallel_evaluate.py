@@ -1,4 +1,5 @@
-"""Held-out metrics of a parallel head, in the same :class:`EvalResult` as ReDrafter's.
+"""How a parallel head is scored (:class:`ParallelScorer`, used by
+:func:`mlx_redrafter.train.evaluate.evaluate`), in the same :class:`EvalResult` as ReDrafter's.
 
 Teacher-forced over held-out rows (alignment in :mod:`mlx_redrafter.train.parallel_objective`):
 top-``m`` accuracy by depth, and simulated tokens per step. The parallel head's drafts do
@@ -22,11 +23,8 @@ from mlx_redrafter.drafters.beam_search import Embedder
 from mlx_redrafter.drafters.factorized_tree import factorized_tree
 from mlx_redrafter.drafters.parallel import ParallelHead
 from mlx_redrafter.train.evaluate import (
-    EvalResult,
     _embed,
     leading_run,
-    row_metrics,
-    summarise,
 )
 from mlx_redrafter.train.objective import PositionTable
 from mlx_redrafter.train.parallel_objective import context_rows
@@ -81,27 +79,3 @@ class ParallelScorer:
         """Accepted drafts of the ``width``-beam tree built from ``logits``."""
         windows, in_loss = self.table.windows[rows], self.table.in_loss[rows]
         return tree_accepted(self.head, logits, windows, in_loss, width)
-
-
-def evaluate_parallel(
-    head: ParallelHead,
-    embedding: Embedder,
-    table: PositionTable,
-    features: np.ndarray,
-    target_to_draft: np.ndarray | None,
-    batch_size: int = 256,
-    beam_widths: tuple[int, ...] = (),
-) -> EvalResult:
-    """Held-out metrics of ``head`` over every row of ``table`` (``L <= k + 1``).
-
-    Args:
-        head: The parallel head.
-        embedding: The target's input embedding.
-        table: Held-out positions.
-        features: ``(N, d)`` hidden states of the table's rows.
-        target_to_draft: Training labels ``(V,)`` (for the loss), ``None`` = full vocabulary.
-        batch_size: Rows per forward.
-        beam_widths: Beam widths ``W > 1`` to simulate as well.
-    """
-    scorer = ParallelScorer(head, embedding, table, features)
-    return summarise(table, row_metrics(scorer, table, target_to_draft, batch_size, beam_widths))

@@ -15,10 +15,9 @@ import numpy as np
 
 from mlx_redrafter.drafters.parallel import ParallelConfig, ParallelHead, load_head, save_head
 from mlx_redrafter.drafters.redrafter import embedding_dims
-from mlx_redrafter.train.evaluate import EvalResult
+from mlx_redrafter.train.evaluate import EvalResult, evaluate
 from mlx_redrafter.train.fit import Trainer
 from mlx_redrafter.train.objective import PAD, draft_labels
-from mlx_redrafter.train.parallel_evaluate import evaluate_parallel
 from mlx_redrafter.train.parallel_objective import context_rows, parallel_loss_sums
 from mlx_redrafter.train.vocab import DraftVocab
 
@@ -102,7 +101,7 @@ class ParallelTrainer(Trainer):
         """Held-out metrics of the current head (``None`` without held-out data)."""
         if self.heldout_features is None:
             return None
-        return evaluate_parallel(
+        return evaluate(
             self.head,
             self.embedding,
             self.data.heldout_table,

@@ -34,17 +34,15 @@ from mlx_redrafter.drafters.redrafter import (
 )
 from mlx_redrafter.train.evaluate import (
     EvalResult,
-    HeadScorer,
-    ReDrafterScorer,
     RowMetrics,
     decode_tokens_per_step,
     lookup_accepted,
     row_metrics,
+    scorer_for,
     summarise,
 )
 from mlx_redrafter.train.features import HiddenExtractor, dense_features, extraction_groups
 from mlx_redrafter.train.objective import PositionTable, build_position_table
-from mlx_redrafter.train.parallel_evaluate import ParallelScorer
 from mlx_redrafter.train.vocab import DraftVocab
 
 EXIT_ERROR = 2
@@ -107,15 +105,6 @@ def draft_labels_of(head: ReDrafterHead | ParallelHead) -> np.ndarray | None:
     if head.draft_vocab is None:
         return None
     return DraftVocab(np.array(head.draft_vocab), "mask", head.config.vocab_size).target_to_draft()
-
-
-def scorer_for(
-    head: ReDrafterHead | ParallelHead, embedding, table: PositionTable, features: np.ndarray
-) -> HeadScorer:
-    """The :class:`HeadScorer` of ``head``'s kind."""
-    if isinstance(head, ParallelHead):
-        return ParallelScorer(head, embedding, table, features)
-    return ReDrafterScorer(head, embedding, table, features)
 
 
 @dataclass
