@@ -234,7 +234,6 @@ class _Recorder:
 
 
 def test_decode_steps_use_the_fast_attention(monkeypatch) -> None:
-    monkeypatch.setattr(fast_ops, "_use_native", False)  # the MLX path (native: its own test)
     recorder = _Recorder(fast_ops.decode_attention)
     monkeypatch.setattr(fast_ops, "decode_attention", recorder)
     model = tiny_model("llama")

@@ -278,7 +278,10 @@ class SlotGenerator:
         refill_min: Prefill only once this many slots of a lane are free (or none is busy).
         fast_kernels: Use :mod:`mlx_redrafter.train.fast_ops` (checked on a probe first).
         streams: Split the slots into this many lanes, each on its own MLX stream (CPU
-            thread); use the number of cores, and one OpenBLAS thread.
+            thread); use the number of cores, and one OpenBLAS thread. With one lane (the
+            default), decode attention uses the native kernel when it is available.
+        native_attention: Allow the native decode-attention kernel (one lane only: its
+            host sync per layer would serialise lanes).
         shared_prefix: Ids that start most prompts (e.g. the chat template's system
             turn): their keys/values are computed once and copied into each prefill.
         capture_hidden: Return every position's final hidden state with each completion.
@@ -302,6 +305,7 @@ class SlotGenerator:
         refill_min: int = 1,
         fast_kernels: bool = True,
         streams: int = 1,
+        native_attention: bool = True,
         shared_prefix: Iterable[int] = (),
         capture_hidden: bool = False,
     ):
@@ -322,6 +326,7 @@ class SlotGenerator:
         self.prefill_rows = prefill_rows
         self.refill_min = min(refill_min, batch_size)
         self.streams = streams
+        self.native_attention = native_attention and streams == 1
         self._lane_streams: list[Any] = []
         self.shared_prefix = tuple(int(t) for t in shared_prefix)
         self._prefix_state: tuple[list[mx.array], list[mx.array]] | None = None
@@ -352,7 +357,7 @@ class SlotGenerator:
 
     def _backbone(self, tokens: mx.array, cache: SlotCache, fast: bool) -> mx.array:
         """Build the backbone graph for ``(B, T)`` tokens, with or without the fast kernels."""
-        with fast_ops.installed(self.model, fast):
+        with fast_ops.installed(self.model, fast, native=self.native_attention):
             return self.parts.backbone(tokens, cache.layers)
 
     # -- public ----------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class DistillConfig:
     max_prompt_tokens: int = 4096
     chat_template: bool = True
     fast_kernels: bool = True
+    native_attention: bool = True
     streams: int = 1
     order: str = "blocks"
     block_size: int = 1024
@@ -335,6 +336,7 @@ def distill(
             seed=config.seed,
             prefill_chunk=config.prefill_chunk,
             fast_kernels=config.fast_kernels,
+            native_attention=config.native_attention,
             streams=config.streams,
             shared_prefix=common_prefix(plan.requests),
             capture_hidden=config.save_features,
@@ -523,13 +525,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="use MLX's own exp/softmax kernels",
     )
     p.add_argument(
-        "--streams",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="concurrent lanes of slots, one CPU thread each (default: cores, at most 2)",
+        "--no-native-attention",
+        dest="native_attention",
+        action="store_false",
+        help="decode attention with MLX's ops instead of the native kernel",
     )
     p.add_argument(
-        "--blas-threads", type=int, default=1, help="OpenBLAS threads per lane (1 is best)"
+        "--streams",
+        type=int,
+        default=1,
+        help="concurrent lanes of slots, one CPU thread each (more than one turns the "
+        "native attention kernel off)",
+    )
+    p.add_argument(
+        "--blas-threads",
+        type=int,
+        default=0,
+        help="OpenBLAS threads per lane (default: cores / streams)",
     )
     p.add_argument(
         "--save-features",
@@ -555,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
     config = DistillConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
         config.check()
-        set_blas_threads(args.blas_threads)
+        set_blas_threads(args.blas_threads or max(1, (os.cpu_count() or 1) // args.streams))
         model, tokenizer = load(args.model, dtype=args.dtype)
         where = resolve_model_path(args.model, args.dtype)
         model_path = str(Path(where).resolve()) if Path(where).exists() else str(where)

@@ -125,18 +125,31 @@ def _decode_mask(mask: Any) -> tuple[bool, mx.array | None]:
     return False, None
 
 
-_use_native = True
-
-
-def native() -> bool:
-    """Whether :func:`fast_sdpa` uses the native kernel (see :func:`use_native`)."""
-    return _use_native and native_attention.available()
-
-
-def use_native(enabled: bool) -> None:
-    """Let :func:`fast_sdpa` use the native kernel when it is available (default True)."""
-    global _use_native
-    _use_native = enabled
+def _sdpa(
+    queries: mx.array,
+    keys: Any,
+    values: Any,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    sinks: mx.array | None,
+    native: bool,
+) -> mx.array:
+    """mlx-lm's ``scaled_dot_product_attention`` with the decode fast path."""
+    usable = (
+        sinks is None
+        and not hasattr(cache, "bits")
+        and queries.shape[2] == 1
+        and queries.dtype == mx.float32
+        and queries.shape[1] % keys.shape[1] == 0
+    )
+    if usable:
+        ok, decode_mask = _decode_mask(mask)
+        if ok:
+            native = native and native_attention.available()
+            attend = native_attention.decode_attention if native else decode_attention
+            return attend(queries, keys, values, scale, decode_mask)
+    return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 
 def fast_sdpa(
@@ -148,20 +161,22 @@ def fast_sdpa(
     mask: Any,
     sinks: mx.array | None = None,
 ) -> mx.array:
-    """Drop-in for mlx-lm's ``scaled_dot_product_attention`` (decode fast path)."""
-    usable = (
-        sinks is None
-        and not hasattr(cache, "bits")
-        and queries.shape[2] == 1
-        and queries.dtype == mx.float32
-        and queries.shape[1] % keys.shape[1] == 0
-    )
-    if usable:
-        ok, decode_mask = _decode_mask(mask)
-        if ok:
-            attend = native_attention.decode_attention if native() else decode_attention
-            return attend(queries, keys, values, scale, decode_mask)
-    return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    """Drop-in for mlx-lm's ``scaled_dot_product_attention``: the native decode kernel when
+    it is available, else MLX's grouped matmuls (:func:`decode_attention`)."""
+    return _sdpa(queries, keys, values, cache, scale, mask, sinks, native=True)
+
+
+def mlx_sdpa(
+    queries: mx.array,
+    keys: Any,
+    values: Any,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """Like :func:`fast_sdpa` with MLX's ops only (no host sync inside the graph)."""
+    return _sdpa(queries, keys, values, cache, scale, mask, sinks, native=False)
 
 
 _REPLACEMENTS = {
@@ -179,17 +194,22 @@ def patchable(model: nn.Module) -> bool:
 
 
 @contextmanager
-def installed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+def installed(model: nn.Module, enabled: bool = True, native: bool = True) -> Iterator[None]:
     """Use the fast kernels in ``model``'s module while the ``with`` body builds a graph.
 
     Args:
         model: An mlx-lm ``Model``.
         enabled: When False, do nothing.
+        native: Let decode attention use the native kernel (one host sync per layer while
+            the graph is built; see :mod:`mlx_redrafter.train.native_attention`).
     """
     module = sys.modules.get(type(model).__module__) if enabled else None
     swapped: list[tuple[str, Any]] = []
+    replacements = dict(_REPLACEMENTS)
+    if not native:
+        replacements["scaled_dot_product_attention"] = (_original_sdpa, mlx_sdpa)
     if module is not None:
-        for name, (original, fast) in _REPLACEMENTS.items():
+        for name, (original, fast) in replacements.items():
             if getattr(module, name, None) is original:
                 setattr(module, name, fast)
                 swapped.append((name, original))
