@@ -137,7 +137,7 @@ def _ar_step(
     logits = model(tokens[None], cache=cache)[:, -1, :]
     logits = params.process(history, logits)
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    return params.sample(logprobs), logprobs.squeeze(0)
+    return params.draw(params.warp(logprobs)), logprobs.squeeze(0)
 
 
 def ar_tokens(

@@ -4,8 +4,9 @@ Both paths must target *one* distribution: the target's next-token distribution 
 logits processors, top-p, min-p, top-k and temperature, applied exactly as mlx-lm's
 ``make_sampler`` applies them (same functions, same order). :class:`SamplingParams.logits`
 returns that distribution as unnormalised log-weights ``(..., V)`` (masked entries are
-``-inf``); AR sampling is ``mx.random.categorical`` of it (bit-identical to mlx-lm's
-sampler for the same seed), and speculative acceptance uses ``softmax`` of it.
+``-inf``); speculative acceptance uses ``softmax`` of it. AR sampling applies
+:meth:`SamplingParams.warp` to the log-probs it computed exactly as mlx-lm does and draws
+with ``mx.random.categorical``: bit-identical to mlx-lm's sampler for the same seed.
 """
 
 from __future__ import annotations
@@ -77,10 +78,22 @@ class SamplingParams:
 
         Returns:
             ``(..., V)`` log-weights (the logits' dtype); softmax gives the distribution to
-            sample from. For greedy decoding, the normalised log-probs. The arithmetic is
-            mlx-lm's, step for step, so AR sampling reproduces ``mlx_lm`` token for token.
+            sample from. For greedy decoding, the normalised log-probs.
         """
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.warp(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def warp(self, logprobs: mx.array) -> mx.array:
+        """mlx-lm's sampler chain on normalised log-probs: top-p, min-p, top-k, temperature.
+
+        Args:
+            logprobs: ``(..., V)`` normalised log-probs. They are not normalised again: a
+                second ``logsumexp`` shifts every entry by a rounding error, which can move
+                a token across the top-p boundary and break bit-identity with mlx-lm.
+
+        Returns:
+            ``(..., V)`` log-weights, bit-identical to what mlx-lm's ``make_sampler`` hands
+            to ``mx.random.categorical`` (``logprobs`` itself when greedy).
+        """
         if self.greedy:
             return logprobs
         if 0 < self.top_p < 1.0:
@@ -105,6 +118,18 @@ class SamplingParams:
         Returns:
             ``(...)`` uint32/int32 token ids.
         """
+        return self.draw(self.logits(logits), key)
+
+    def draw(self, weights: mx.array, key: mx.array | None = None) -> mx.array:
+        """Draw from log-weights that :meth:`logits` or :meth:`warp` returned.
+
+        Args:
+            weights: ``(..., V)`` log-weights of the sampling distribution.
+            key: Optional PRNG key; the global MLX generator is used when ``None``.
+
+        Returns:
+            ``(...)`` uint32/int32 token ids (argmax when greedy).
+        """
         if self.greedy:
-            return mx.argmax(self.logits(logits), axis=-1)
-        return mx.random.categorical(self.logits(logits), key=key)
+            return mx.argmax(weights, axis=-1)
+        return mx.random.categorical(weights, key=key)

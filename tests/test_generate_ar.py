@@ -5,10 +5,12 @@ import sys
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 import pytest
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from mlx_redrafter import engine as gen
+from mlx_redrafter.sampling import SamplingParams
 
 
 def _ours(model, tok, prompt, **kw):
@@ -40,6 +42,40 @@ def test_ar_matches_mlx_lm(tiny_model_dir, sampling):
         mx.random.seed(7)
         got = _ours(model, tok, prompt, max_tokens=40, **sampling)
         assert got == want
+
+
+def _mlx_lm_weights(logprobs, temp, top_p=0.0, min_p=0.0, top_k=0):
+    """What mlx-lm's ``make_sampler`` hands to ``mx.random.categorical``, step by step."""
+    if 0 < top_p < 1:
+        logprobs = apply_top_p(logprobs, top_p)
+    if min_p:
+        logprobs = apply_min_p(logprobs, min_p)
+    if top_k:
+        logprobs = apply_top_k(logprobs, top_k)
+    return logprobs * (1 / temp)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temp": 0.7, "top_p": 0.9}, {"temp": 1.3, "top_k": 5, "min_p": 0.05}, {"temp": 1.0}],
+)
+def test_ar_sampler_weights_are_bit_identical_to_mlx_lm(sampling):
+    """The AR step's log-weights equal mlx-lm's bit for bit, on many random distributions.
+
+    A second normalisation of the log-probs (what ``SamplingParams.logits`` does to raw
+    logits) shifts every entry by a rounding error: the same check on it must fail, so the
+    test sees the difference that once moved a token across the top-p boundary.
+    """
+    params = SamplingParams(**sampling)
+    rng = np.random.default_rng(0)
+    renormalised_differs = False
+    for _ in range(20):
+        logits = mx.array((rng.standard_normal((1, 257)) * 3).astype(np.float32))
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)  # generate_step's arithmetic
+        want = np.array(_mlx_lm_weights(logprobs, **sampling))
+        assert np.array_equal(np.array(params.warp(logprobs)), want)
+        renormalised_differs |= not np.array_equal(np.array(params.logits(logprobs)), want)
+    assert renormalised_differs
 
 
 def test_response_fields_match_mlx_lm(tiny_model_dir):
