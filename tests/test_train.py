@@ -38,7 +38,13 @@ from mlx_redrafter.train.features import (
     StreamingFeatures,
     extraction_groups,
 )
-from mlx_redrafter.train.fit import FitOptions, Trainer, epoch_batches, trainer_class
+from mlx_redrafter.train.fit import (
+    STREAMED_SHUFFLE_POOL,
+    FitOptions,
+    Trainer,
+    epoch_batches,
+    trainer_class,
+)
 from mlx_redrafter.train.objective import (
     PAD,
     build_position_table,
@@ -299,6 +305,37 @@ def test_epoch_batches_cover_every_row_once():
     assert sorted(real.tolist()) == list(range(13))
     assert np.array_equal(batches, epoch_batches(groups, 4, 2, 0, 1))
     assert not np.array_equal(batches, epoch_batches(groups, 4, 2, 0, 2))
+
+
+def _groups_per_batch(batches: np.ndarray, group_of: np.ndarray) -> list[int]:
+    return [len(set(group_of[b[b >= 0]].tolist())) for b in batches]
+
+
+def test_whole_set_pool_mixes_every_batch_and_windows_do_not():
+    """Pool = all groups: each batch draws from many groups; windows of 2 (20 rows): a
+    batch of 32 spans at most three windows, 6 groups."""
+    groups = [np.arange(10 * g, 10 * g + 10) for g in range(40)]
+    group_of = np.repeat(np.arange(40), 10)
+    iid = epoch_batches(groups, batch_size=32, pool=len(groups), seed=0, epoch=0)
+    windowed = epoch_batches(groups, batch_size=32, pool=2, seed=0, epoch=0)
+    assert sorted(iid[iid >= 0].tolist()) == list(range(400))
+    assert min(_groups_per_batch(iid[:-1], group_of)) >= 12
+    assert max(_groups_per_batch(windowed, group_of)) <= 6
+
+
+def test_shuffle_pool_zero_is_the_whole_set_when_stored_and_a_window_when_streamed(model, tmp_path):
+    data = second_order_language(40, seed=3)
+    small = dict(shuffle_pool=0, extract_tokens=64)
+    stored = base_options(tmp_path / "a", feature_cache=str(tmp_path / "c"), **small)
+    streamed = base_options(tmp_path / "b", **small)
+    stored_trainer = Trainer(model, data, [], stored, progress=False)
+    assert len(stored_trainer.data.train_groups) > STREAMED_SHUFFLE_POOL
+    assert stored_trainer.shuffle_pool == len(stored_trainer.data.train_groups)
+    assert Trainer(model, data, [], streamed, progress=False).shuffle_pool == 8
+    explicit = replace(stored, shuffle_pool=3)
+    assert Trainer(model, data, [], explicit, progress=False).shuffle_pool == 3
+    with pytest.raises(ValueError, match="--shuffle-pool"):
+        replace(stored, shuffle_pool=-1).check()
 
 
 # ------------------------------------------------------------------------------ training

@@ -14,7 +14,12 @@ of ``L`` tokens. One micro-batch is one compiled graph computing all ``L - 1`` d
 all its positions at once (the recurrent states are an ``L - 1`` step recurrence over
 ``(B, d)`` arrays). The order of positions within an epoch is a function of ``--seed``
 and the epoch only: extraction groups are shuffled, and positions are shuffled within
-windows of ``--shuffle-pool`` groups.
+windows of ``--shuffle-pool`` groups. By default (``0``) the window is the whole training
+set, an i.i.d. epoch, whenever the hidden states are stored (a feature cache or the states
+``distill --save-features`` wrote); streamed features (extracted on the fly, no store) use
+windows of :data:`STREAMED_SHUFFLE_POOL` groups, as only a window's features are in memory.
+Windows cost accuracy: inside each one the loss falls as the head learns the window's few
+dozen sequences, and jumps back at the next.
 
 Output directory: the head (``config.json`` + ``model.safetensors``, loadable by
 :func:`~mlx_redrafter.drafters.redrafter.load_drafter`), ``training.json`` (options, data
@@ -93,6 +98,8 @@ REPORT_FILE = "training.json"
 SCHEDULES = ("cosine", "linear", "constant")
 #: Kinds of draft head ``fit`` trains (``--head``).
 HEADS = ("redrafter", "parallel")
+#: Shuffle window (extraction groups) of streamed features under ``--shuffle-pool 0``.
+STREAMED_SHUFFLE_POOL = 8
 #: Options that must match between a checkpoint and the run resuming it.
 RESUME_KEYS = (
     "head",
@@ -161,7 +168,8 @@ class FitOptions:
     resume: bool = False
     feature_cache: str | None = None
     feature_dtype: str = "float16"
-    shuffle_pool: int = 8
+    #: Groups shuffled together; 0 = all when features are stored, else 8.
+    shuffle_pool: int = 0
     extract_tokens: int = 4096
     save_dtype: str = "float32"
     head: str = "redrafter"
@@ -191,6 +199,8 @@ class FitOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.beam_length < 2:
             raise ValueError("--beam-length must be >= 2")
+        if self.shuffle_pool < 0:
+            raise ValueError("--shuffle-pool must be >= 0 (0: all groups when stored)")
         if self.draft_vocab is not None and self.draft_coverage is not None:
             raise ValueError("give at most one of --draft-vocab and --draft-coverage")
         if self.init_head is not None and (
@@ -459,8 +469,9 @@ class Trainer:
         self.vocab = vocab
         self.labels_map = None if vocab is None else vocab.target_to_draft()
         self.projection = self._teacher_projection(model) if options.soft_targets > 0 else None
+        self.shuffle_pool = self._shuffle_pool()
         self.micro_per_epoch = epoch_batches(
-            self._group_rows(), options.batch_size, options.shuffle_pool, options.seed, 0
+            self._group_rows(), options.batch_size, self.shuffle_pool, options.seed, 0
         ).shape[0]
         self.steps_per_epoch = -(-self.micro_per_epoch // options.grad_accum)
         self.total_steps = self.steps_per_epoch * options.epochs
@@ -583,6 +594,15 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------
 
+    def _shuffle_pool(self) -> int:
+        """Groups per shuffle window: ``--shuffle-pool``, or what ``0`` resolves to."""
+        options = self.options
+        if options.shuffle_pool > 0:
+            return options.shuffle_pool
+        if options.feature_cache or options.distilled_features:
+            return max(1, len(self.data.train_groups))
+        return STREAMED_SHUFFLE_POOL
+
     def _group_rows(self) -> list[np.ndarray]:
         return rows_by_group(
             self.data.train_table, self.data.train_groups, len(self.data.train_tokens)
@@ -671,7 +691,7 @@ class Trainer:
                 data.train_table,
                 data.train_groups,
                 options.feature_dtype,
-                keep=2 * options.shuffle_pool,
+                keep=2 * self.shuffle_pool,
             )
         if data.heldout_table.size:
             self.heldout_features = dense_features(
@@ -821,7 +841,7 @@ class Trainer:
             epoch, s = divmod(self.state.step, self.steps_per_epoch)
             if s == 0 or self._batches is None:
                 self._batches = epoch_batches(
-                    group_rows, options.batch_size, options.shuffle_pool, options.seed, epoch
+                    group_rows, options.batch_size, self.shuffle_pool, options.seed, epoch
                 )
             lo = s * options.grad_accum
             tic = time.perf_counter()
@@ -858,6 +878,8 @@ class Trainer:
                 "train_positions": self.data.train_table.size,
                 "heldout_positions": self.data.heldout_table.size,
                 "truncated_tokens": self.data.truncated,
+                "groups": len(self.data.train_groups),
+                "shuffle_pool_groups": self.shuffle_pool,
             },
             "draft_vocab": {
                 "size": self.head.config.output_size,
@@ -984,7 +1006,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 = no clipping")
     opt.add_argument("--max-seq-len", type=int, default=2048)
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--shuffle-pool", type=int, default=8, help="groups shuffled together")
+    opt.add_argument(
+        "--shuffle-pool",
+        type=int,
+        default=0,
+        help="extraction groups shuffled together (0: all when the features are stored, "
+        f"i.e. an i.i.d. epoch; {STREAMED_SHUFFLE_POOL} when streamed)",
+    )
     run_group = p.add_argument_group("run")
     run_group.add_argument("--eval-every", type=int, default=0, help="steps (0: each epoch)")
     run_group.add_argument("--eval-beams", type=_int_list, default=[], help="e.g. 2,4")
