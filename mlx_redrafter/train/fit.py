@@ -599,9 +599,17 @@ class Trainer:
         options = self.options
         if options.shuffle_pool > 0:
             return options.shuffle_pool
-        if options.feature_cache or options.distilled_features:
+        if self._feature_store() is not None:
             return max(1, len(self.data.train_groups))
         return STREAMED_SHUFFLE_POOL
+
+    def _feature_store(self) -> Path | None:
+        """Where the training features are stored, or ``None`` when they are streamed."""
+        if self.options.feature_cache:
+            return Path(self.options.feature_cache) / "train"
+        if self.options.distilled_features:  # what distill did not store goes next to the head
+            return self.out / "features" / "train"
+        return None
 
     def _group_rows(self) -> list[np.ndarray]:
         return rows_by_group(
@@ -664,11 +672,7 @@ class Trainer:
         options, data = self.options, self.data
         start = time.perf_counter()
         readonly = [options.distilled_features] if options.distilled_features else []
-        store = None
-        if options.feature_cache:
-            store = Path(options.feature_cache) / "train"
-        elif readonly:  # what distill did not store is extracted next to the head
-            store = self.out / "features" / "train"
+        store = self._feature_store()
         if store is not None:
             cache = FeatureCache(
                 store,
