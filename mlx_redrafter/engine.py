@@ -181,14 +181,15 @@ def accept(
     tokens = mx.array(tree.tokens)
     if params.greedy:
         return accept_greedy(tree, tokens, logits)
-    probs = params.probs(logits)
     if stochastic and draft.draft_logprobs is not None:
-        return accept_chain(tree, tokens, probs, draft.draft_logprobs)
+        return accept_chain(tree, tokens, params.probs(logits), draft.draft_logprobs)
     if rule == "redrafter":
         if draft.draft_logprobs is None:
             raise ValueError("the redrafter rule needs the drafter's log-probs (draft_logprobs)")
-        return accept_redrafter(tree, tokens, probs, draft.draft_logprobs, params.temp)
-    return accept_exact(tree, tokens, probs)
+        return accept_redrafter(
+            tree, tokens, params.probs(logits), draft.draft_logprobs, params.temp
+        )
+    return accept_exact(tree, tokens, params.log_weights(logits))
 
 
 def prefill(

@@ -104,6 +104,23 @@ class SamplingParams:
             logprobs = apply_top_k(logprobs, self.top_k)
         return logprobs * (1 / self.temp)
 
+    def log_weights(self, logits: mx.array) -> mx.array:
+        """The sampling distribution as unnormalised log-weights, as cheaply as possible.
+
+        Same distribution as :meth:`logits` (``softmax`` of either is identical in exact
+        arithmetic); without top-p, min-p or top-k, which need normalised log-probs, it is
+        just ``logits / temp`` (no ``logsumexp`` over ``V``).
+
+        Args:
+            logits: ``(..., V)`` processed logits.
+
+        Returns:
+            ``(..., V)`` log-weights (``-inf`` = excluded token).
+        """
+        if self.greedy or (0 < self.top_p < 1.0) or self.min_p != 0.0 or self.top_k > 0:
+            return self.logits(logits)
+        return logits * (1 / self.temp)
+
     def probs(self, logits: mx.array) -> mx.array:
         """``(..., V)`` normalised probabilities of the sampling distribution."""
         return mx.softmax(self.logits(logits).astype(mx.float32), axis=-1)

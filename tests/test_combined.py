@@ -207,12 +207,12 @@ def _prompt_state(setup: Setup) -> tuple[list, mx.array]:
     return cache, hidden[-1]
 
 
-def _tree_probs(setup: Setup, params, beams: np.ndarray):
-    """The packed tree of ``beams`` and the target's ``(N, V)`` sampling probabilities."""
+def _tree_weights(setup: Setup, params, beams: np.ndarray):
+    """The packed tree of ``beams`` and the target's ``(N, V)`` sampling log-weights."""
     cache, _ = _prompt_state(setup)
     tree = pack(beams)
     logits, _ = setup.target.tree_forward(tree, cache)
-    return tree, params.probs(logits)
+    return tree, params.log_weights(logits)
 
 
 def _combined_beams(setup: Setup, params, root: int) -> np.ndarray:
@@ -235,10 +235,12 @@ def _combined_beams(setup: Setup, params, root: int) -> np.ndarray:
     return np.array(draft.beams)
 
 
-def _walk_tree(tree, probs, samples: int):
+def _walk_tree(tree, log_weights, samples: int):
     uniforms, gumbel = exact_randomness(tree, VOCAB, samples)
     tokens = mx.array(tree.tokens)
-    num, last, nxt = exact_walk(mx.array(children_table(tree)), tokens, probs, uniforms, gumbel)
+    num, last, nxt = exact_walk(
+        mx.array(children_table(tree)), tokens, log_weights, uniforms, gumbel
+    )
     mx.eval(num, last, nxt)
     return np.array(num), np.array(last), np.array(nxt)
 
@@ -255,8 +257,8 @@ def _two_tokens(setup: Setup, params, per_member: bool) -> tuple[int, np.ndarray
     parts = [beams[:2], beams[2:]] if per_member else [beams]
     outs, nums = [], []
     for rows in parts:
-        tree, probs = _tree_probs(setup, params, rows)
-        num, last, nxt = _walk_tree(tree, probs, SAMPLES)
+        tree, log_weights = _tree_weights(setup, params, rows)
+        num, last, nxt = _walk_tree(tree, log_weights, SAMPLES)
         outs.append(_emitted(tree, num, last, nxt, 2))
         nums.append(num)
     out = outs[0]

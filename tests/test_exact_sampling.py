@@ -59,13 +59,13 @@ class Setup:
         return np.array(params.probs(logits))
 
     def step(self, context: list[int], root: int, width: int, length: int, params):
-        """One speculative step's tree: ``(tree, probs (N, V), q (W, L-1, V))``."""
+        """One speculative step's tree: ``(tree, logits (N, V), q (W, L-1, V))``."""
         cache = self.target.make_cache()
         _, hidden = self.target.forward(mx.array(context), cache)
         draft = _propose(self.drafter, hidden[-1], root, width, length)
         tree = pack(np.array(draft.beams))
         logits, _ = self.target.tree_forward(tree, cache)
-        return tree, params.probs(logits), draft.draft_logprobs
+        return tree, logits, draft.draft_logprobs
 
 
 def _propose(drafter: ReDrafter, hidden: mx.array, root: int, width: int, length: int) -> Draft:
@@ -93,15 +93,18 @@ def _emitted(tree, num: np.ndarray, last: np.ndarray, root_next: np.ndarray, k: 
     return out
 
 
-def _walk(rule: str, tree, probs, q, samples: int, temp: float):
+def _walk(rule: str, tree, logits, q, samples: int, params: SamplingParams):
     """Run ``samples`` acceptance draws of ``rule`` on one tree -> (num, last, next_root)."""
     tokens = mx.array(tree.tokens)
     if rule == "exact":
         uniforms, gumbel = exact_randomness(tree, VOCAB, samples)
-        num, last, nxt = exact_walk(mx.array(children_table(tree)), tokens, probs, uniforms, gumbel)
+        log_weights = params.log_weights(logits)
+        children = mx.array(children_table(tree))
+        num, last, nxt = exact_walk(children, tokens, log_weights, uniforms, gumbel)
     else:
+        probs = params.probs(logits)
         width, length = tree.unpack.shape
-        q_t = mx.softmax(q.astype(mx.float32) / temp, axis=-1)
+        q_t = mx.softmax(q.astype(mx.float32) / params.temp, axis=-1)
         uniforms = mx.random.uniform(shape=(samples, width, length - 1))
         gumbel = mx.random.gumbel(shape=(samples, VOCAB))
         unpack = mx.array(tree.unpack)
@@ -115,14 +118,14 @@ def sample_two_tokens(setup: Setup, rule: str, params, width: int, length: int, 
     """``(S, 2)`` draws of the two tokens after the root, through the pipeline pieces."""
     mx.random.seed(seed)
     root = int(np.argmax(setup.next_probs(PROMPT, params)))
-    tree, probs, q = setup.step(PROMPT, root, width, length, params)
-    num, last, nxt = _walk(rule, tree, probs, q, SAMPLES, params.temp)
+    tree, logits, q = setup.step(PROMPT, root, width, length, params)
+    num, last, nxt = _walk(rule, tree, logits, q, SAMPLES, params)
     out = _emitted(tree, num, last, nxt, 2)
     # a step that accepted nothing emitted one token: the second comes from the next step
     for x1 in np.unique(out[out[:, 1] < 0, 0]):
         rows = np.nonzero((out[:, 1] < 0) & (out[:, 0] == x1))[0]
-        tree2, probs2, q2 = setup.step(PROMPT + [root], int(x1), width, length, params)
-        num2, last2, nxt2 = _walk(rule, tree2, probs2, q2, len(rows), params.temp)
+        tree2, logits2, q2 = setup.step(PROMPT + [root], int(x1), width, length, params)
+        num2, last2, nxt2 = _walk(rule, tree2, logits2, q2, len(rows), params)
         out[rows, 1] = _emitted(tree2, num2, last2, nxt2, 1)[:, 0]
     return root, out
 
@@ -179,6 +182,36 @@ def test_redrafter_rule_fails_the_same_test(setup, name):
     assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
 
 
+@pytest.mark.slow
+def test_walk_without_the_residual_mask_fails_the_same_test(setup, monkeypatch):
+    """Power: drawing the stop node's token from ``p`` instead of the residual (the rejected
+    children left in) is rejected by the very same test."""
+    from mlx_redrafter import accept
+
+    masked = accept.residual_draw
+
+    def unmasked(log_weights, gumbel, rejected, live):
+        return masked(log_weights, gumbel, rejected, mx.zeros_like(live))
+
+    monkeypatch.setattr(accept, "residual_draw", unmasked)
+    params = SETTINGS["plain"]
+    root, draws = sample_two_tokens(setup, "exact", params, 3, 3, seed=1)
+    p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
+    assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
+
+
+def test_log_weights_are_the_sampling_distribution():
+    """``log_weights`` (no normaliser when no transform needs one) gives ``probs`` exactly."""
+    logits = mx.random.normal((3, VOCAB), key=mx.random.key(2)) * 4
+    for params in [
+        *SETTINGS.values(),
+        SamplingParams(temp=0.3),
+        SamplingParams(temp=1.0, min_p=0.1),
+    ]:
+        got = np.array(mx.softmax(params.log_weights(logits), axis=-1))
+        np.testing.assert_allclose(got, np.array(params.probs(logits)), atol=1e-6)
+
+
 def test_exact_walk_accepts_often_with_a_good_draft(setup):
     """The statistical test exercises acceptance, not just residual draws."""
     params = SETTINGS["plain"]
@@ -190,8 +223,7 @@ def test_exact_walk_accepts_often_with_a_good_draft(setup):
     setup.target.forward(mx.array(PROMPT), cache)
     tree = pack(beams)
     logits, _ = setup.target.tree_forward(tree, cache)
-    probs = params.probs(logits)
-    num, _, _ = _walk("exact", tree, probs, None, 20_000, 1.0)
+    num, _, _ = _walk("exact", tree, logits, None, 20_000, params)
     p = setup.next_probs(context, params)
     # P(accept some child) = p(c1) + p(c2): the walk accepts exactly that often
     want = p[greedy[0]] + p[(greedy[0] + 1) % VOCAB]
@@ -207,7 +239,9 @@ def test_low_temperature_exact_equals_greedy():
         logits = mx.array(rng.standard_normal((tree.size, 6)).astype(np.float32) * 3)
         logits = mx.concatenate([logits, mx.full((tree.size, VOCAB - 6), -1e9)], axis=1)
         greedy = accept_greedy(tree, mx.array(tree.tokens), logits)
-        cold = accept_exact(tree, mx.array(tree.tokens), SamplingParams(temp=1e-4).probs(logits))
+        cold = accept_exact(
+            tree, mx.array(tree.tokens), SamplingParams(temp=1e-4).log_weights(logits)
+        )
         mx.eval(greedy.num_accepted, cold.num_accepted)
         assert greedy.num_accepted.item() == cold.num_accepted.item()
         assert greedy.next_root.item() == cold.next_root.item()

@@ -2,10 +2,8 @@
 
 The Linux CPU build of MLX evaluates ``exp`` (and so softmax, sigmoid and SiLU) with a
 polynomial whose multiply-adds are scalar ``fma`` library calls, about 14 ns per element:
-at batch 64 that is a fifth of a SmolLM2 decode step. :func:`fast_exp` is the same
-algorithm (MLX's range reduction and coefficients) written with plain multiplies and adds
-inside ``mx.compile``, which becomes one tight loop: 4-5x faster and within 1 ulp of
-``mx.exp``.
+at batch 64 that is a fifth of a SmolLM2 decode step. SwiGLU and the softmax of decode
+attention use :func:`mlx_redrafter.fast_math.fast_exp` instead.
 
 :func:`installed` swaps two functions in the model's mlx-lm module while a forward graph is
 built, and restores them afterwards:
@@ -35,29 +33,8 @@ import mlx.nn as nn
 from mlx_lm.models import activations as _activations
 from mlx_lm.models import base as _base
 
+from mlx_redrafter.fast_math import _exp_body
 from mlx_redrafter.train import native_attention
-
-_ROUND = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds a float32 |y| < 2**22 to an integer
-_LOG2E = 1.442695
-
-
-def _exp_body(x: mx.array) -> mx.array:
-    """``exp(x)`` for float32 ``x``: MLX's algorithm without ``fma`` (traced, not run)."""
-    y = x * _LOG2E
-    n = (y + _ROUND) - _ROUND
-    f = y - n
-    p = f * 1.535336188319500e-4 + 1.339887440266574e-3
-    p = p * f + 9.618437357674640e-3
-    p = p * f + 5.550332471162809e-2
-    p = p * f + 2.402264791363012e-1
-    p = p * f + 6.931472028550421e-1
-    p = p * f + 1.0
-    scale = ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
-    out = mx.where(x > 88.0, mx.inf, p * scale)
-    return mx.where(x < -88.0, 0.0, out)
-
-
-fast_exp = mx.compile(_exp_body)
 
 
 def _swiglu_body(gate: mx.array, x: mx.array) -> mx.array:
