@@ -180,6 +180,18 @@ def test_sampling_is_seeded_per_request_not_per_batch() -> None:
     assert run(5, seed=7, temperature=0.0) != one
 
 
+def test_compiled_sampling_picks_the_ids_of_the_plain_ops() -> None:
+    from mlx_redrafter.train.batch_generate import _gumbel_max_body, choose_tokens
+
+    logits = mx.random.normal((16, 999), key=mx.random.key(3)) * 3
+    seeds = mx.arange(16).astype(mx.uint32) * 7919
+    for step in range(1, 6):
+        steps = mx.full((16,), step, dtype=mx.uint32)
+        fused = choose_tokens(logits, 0.7, seeds, steps)
+        plain = _gumbel_max_body(logits, seeds, steps, 1.0 / 0.7)
+        assert fused.tolist() == plain.tolist()
+
+
 def test_sampling_follows_the_softmax() -> None:
     model = tiny_model("llama", scale=0.5)
     gen = SlotGenerator(model, {0}, batch_size=64, max_new_tokens=1, temperature=1.0)
