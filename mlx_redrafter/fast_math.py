@@ -16,8 +16,9 @@ _ROUND = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds a float32 |y| < 2**22 to 
 _LOG2E = 1.442695
 
 
-def _exp_body(x: mx.array) -> mx.array:
-    """``exp(x)`` for float32 ``x``: MLX's algorithm without ``fma`` (traced, not run)."""
+def exp_ops(x: mx.array) -> mx.array:
+    """``exp(x)`` for float32 ``x``: MLX's algorithm without ``fma``, as plain MLX ops to trace
+    inside other compiled functions (:func:`fast_exp` is the compiled form)."""
     y = x * _LOG2E
     n = (y + _ROUND) - _ROUND
     f = y - n
@@ -32,13 +33,13 @@ def _exp_body(x: mx.array) -> mx.array:
     return mx.where(x < -88.0, 0.0, out)
 
 
-fast_exp = mx.compile(_exp_body)
+fast_exp = mx.compile(exp_ops)
 
 
 def _logsumexp_body(x: mx.array) -> mx.array:
-    peak = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    peak = x.max(axis=-1, keepdims=True)
     peak = mx.where(mx.isinf(peak), 0.0, peak)
-    return peak + mx.log(_exp_body(x - peak).sum(axis=-1, keepdims=True))
+    return peak + mx.log(exp_ops(x - peak).sum(axis=-1, keepdims=True))
 
 
 _logsumexp = mx.compile(_logsumexp_body)

@@ -33,12 +33,12 @@ import mlx.nn as nn
 from mlx_lm.models import activations as _activations
 from mlx_lm.models import base as _base
 
-from mlx_redrafter.fast_math import _exp_body
+from mlx_redrafter.fast_math import exp_ops
 from mlx_redrafter.train import native_attention
 
 
 def _swiglu_body(gate: mx.array, x: mx.array) -> mx.array:
-    y = 1.0 / (1.0 + _exp_body(mx.abs(gate)))
+    y = 1.0 / (1.0 + exp_ops(mx.abs(gate)))
     sig = mx.where(gate < 0, y, 1.0 - y)
     return gate * sig * x
 
@@ -56,11 +56,11 @@ def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def _masked_exp_body(scores: mx.array, peak: mx.array, mask: mx.array) -> mx.array:
-    return mx.where(mask, _exp_body(scores - peak), 0.0)
+    return mx.where(mask, exp_ops(scores - peak), 0.0)
 
 
 _masked_exp = mx.compile(_masked_exp_body)
-_shifted_exp = mx.compile(lambda scores, peak: _exp_body(scores - peak))
+_shifted_exp = mx.compile(lambda scores, peak: exp_ops(scores - peak))
 
 
 def decode_attention(
