@@ -38,6 +38,18 @@ Rules
     Gumbel-max draw over ``V`` at the node where the walk stops, with that node's
     (rejected) children masked out.
 
+    *A sampled first beam* (``Draft.proposal``: a ReDrafter head's chain drawn from ``q``).
+    At a node of beam 0 its child ``c_1`` is a sample from the node's ``q``, independent
+    of the walk's uniforms. It is tested first, with the speculative-sampling ratio:
+    accepted with probability ``min(1, p(c_1)/q(c_1))``. That emits ``x`` via ``c_1`` with
+    probability ``min(p(x), q(x))``; it rejects with probability ``M = sum max(0, p - q)``,
+    after which the law still to be produced is ``R_1 = max(0, p - q) / M`` (the chain
+    rule's argument below). The remaining, deterministic children are then tested
+    against ``R_1`` exactly as above, and a stop draws from ``R_1`` with the rejected
+    children removed. Every path emits ``min(p, q) + M R_1 = p``. The rest of beam 0 is
+    sampled from ``q`` given ``c_1`` after ``c_1`` was drawn, so a descent to ``c_1`` is
+    the same situation one token later; other subtrees are deterministic.
+
 ``chain`` (drafts *sampled* from a proposal ``q``, e.g. a draft model at T > 0, width 1):
     the standard speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) —
     accept ``x_j`` with probability ``min(1, p(x_j)/q(x_j))``, otherwise emit a sample from
@@ -160,6 +172,24 @@ def children_table(tree: Tree) -> np.ndarray:
     return table
 
 
+def sampled_rows(tree: Tree, proposal: mx.array | None) -> int:
+    """How many nodes have a sampled first child: ``R`` = beam 0's drafted length (0 when
+    ``proposal`` is ``None``). Beam 0's nodes are ``0 .. L-1`` in order, so node ``j < R``
+    has child ``j + 1`` drawn from ``proposal[j]``.
+
+    Raises:
+        ValueError: if beam 0 is not fully usable or ``proposal`` has too few rows.
+    """
+    if proposal is None:
+        return 0
+    length = tree.unpack.shape[1]
+    if tree.usable is not None and not tree.usable[0].all():
+        raise ValueError("a sampled beam 0 (Draft.proposal) must be fully valid")
+    if proposal.shape[0] < length - 1:
+        raise ValueError(f"proposal has {proposal.shape[0]} rows for {length - 1} drafted tokens")
+    return length - 1
+
+
 def exact_randomness(
     tree: Tree, vocab_size: int, samples: int = 1, key: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
@@ -176,19 +206,49 @@ def exact_randomness(
     return uniforms, gumbel
 
 
-def accept_exact(tree: Tree, tokens: mx.array, log_weights: mx.array) -> Acceptance:
-    """Exact recursive rejection sampling over a deterministic draft tree (module doc).
+def accept_exact(
+    tree: Tree, tokens: mx.array, log_weights: mx.array, proposal: mx.array | None = None
+) -> Acceptance:
+    """Exact recursive rejection sampling over a draft tree (module doc).
 
     Args:
         tree: The packed tree.
         tokens: ``(N,)`` int32 packed node tokens.
         log_weights: ``(N, V)`` unnormalised log-weights of the target's sampling
             distribution at every node (``SamplingParams.log_weights``; ``-inf`` = excluded).
+        proposal: ``(L-1, V)`` log ``q`` of a sampled beam 0 (``Draft.proposal``), or
+            ``None`` for a deterministic tree.
     """
     uniforms, gumbel = exact_randomness(tree, log_weights.shape[-1])
     children = mx.array(children_table(tree))
-    num, node, next_root = _compiled_walk(children, tokens, log_weights, uniforms, gumbel)
+    rows = sampled_rows(tree, proposal)
+    log_q = None if proposal is None else proposal[:rows]
+    num, node, next_root = _compiled_walk(children, tokens, log_weights, uniforms, gumbel, log_q)
     return _finish(tree, tokens, _beam_of(tree, node[0]), num[0], next_root[0])
+
+
+def sampled_acceptance(p: mx.array, q: mx.array) -> mx.array:
+    """Acceptance probability of a child drawn from ``q``: ``min(1, p/q)`` (``p/q`` here;
+    a uniform below it accepts). Shapes ``(S,)``."""
+    return p / mx.maximum(q, 1e-30)
+
+
+def sampled_residual(log_weights: mx.array, log_q: mx.array) -> mx.array:
+    """Log-weights of ``max(0, p - q)``, what is left of ``p`` after a sampled draft from
+    ``q`` was rejected (``-inf`` where nothing is left).
+
+    Args:
+        log_weights: ``(S, V)`` unnormalised log-weights of ``p``.
+        log_q: ``(S, V)`` normalised log-probabilities of ``q``.
+
+    Returns:
+        ``(S, V)`` log-weights (``log_weights`` itself where nothing is left).
+    """
+    p = mx.softmax(log_weights.astype(mx.float32), axis=-1)
+    left = mx.log(mx.maximum(p - mx.exp(log_q), 0.0))
+    # nothing left only through rounding (p == q): a rejection had probability ~0
+    empty = mx.isinf(left.max(axis=-1, keepdims=True))
+    return mx.where(empty, log_weights, left)
 
 
 def residual_draw(
@@ -221,13 +281,15 @@ def exact_walk(
     log_weights: mx.array,
     uniforms: mx.array,
     gumbel: mx.array,
+    log_q: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """The walk of :func:`accept_exact`, for ``S`` independent draws at once.
 
     Only the children's probabilities enter the tests: the residual mass at a node is one
-    minus the mass of the children rejected there, so nothing of size ``V`` is touched
-    inside the walk. The one sampled token is drawn at the node where the walk stops,
-    whose children (if any) were all rejected.
+    minus the mass of the children rejected there (after a sampled child's rejection:
+    ``sum max(0, p - q)`` minus theirs), so the walk itself touches nothing of size ``V``.
+    The one sampled token is drawn at the node where the walk stops, whose children (if
+    any) were all rejected.
 
     Args:
         children: ``(N, C)`` int32 children table (-1 padded), drafter order.
@@ -235,6 +297,8 @@ def exact_walk(
         log_weights: ``(N, V)`` unnormalised log-weights of the target distribution per node.
         uniforms: ``(S, L, C)`` uniforms in [0, 1).
         gumbel: ``(S, V)`` standard Gumbel noise.
+        log_q: ``(R, V)`` normalised log ``q`` of a sampled beam 0: node ``j < R`` has its
+            first child drawn from ``log_q[j]`` (:func:`sampled_rows`); ``None``: none.
 
     Returns:
         ``(num_accepted, last_node, next_root)``, each ``(S,)`` int32.
@@ -245,26 +309,53 @@ def exact_walk(
     kid_tokens = tokens[mx.maximum(children, 0)]  # (N, C)
     kid_logw = mx.take_along_axis(log_weights, kid_tokens, axis=-1)  # (N, C)
     kid_probs = mx.where(live_kids, mx.exp(kid_logw - log_norm), 0.0).astype(mx.float32)
+    rows = 0 if log_q is None else log_q.shape[0]
+    if rows:
+        q = mx.exp(log_q.astype(mx.float32))  # (R, V)
+        p_rows = mx.exp(log_weights[:rows].astype(mx.float32) - log_norm[:rows])  # (R, V)
+        left_mass = mx.maximum(p_rows - q, 0.0).sum(axis=-1)  # (R,) mass left on rejection
+        kid_q = mx.take_along_axis(q, kid_tokens[:rows], axis=-1)  # (R, C)
     node = mx.zeros((samples,), dtype=mx.int32)
     num = mx.zeros((samples,), dtype=mx.int32)
     stopped = mx.zeros((samples,), dtype=mx.bool_)
+    stop_rejected_q = mx.zeros((samples,), dtype=mx.bool_)  # stopped after rejecting c_1 ~ q
     for level in range(levels):
         rejected_mass = mx.zeros((samples,), dtype=mx.float32)
         chosen = mx.full((samples,), -1, dtype=mx.int32)
+        sampled = (node < rows) if rows else mx.zeros((samples,), dtype=mx.bool_)
+        row = mx.minimum(node, max(rows - 1, 0))
+        rejected_q = mx.zeros((samples,), dtype=mx.bool_)  # c_1 ~ q rejected at this node
         for i in range(width):
             child = children[node, i]  # (S,)
             live = (child >= 0) & (chosen < 0) & ~stopped
             p = kid_probs[node, i]  # (S,)
-            ratio = p / mx.maximum(1.0 - rejected_mass, 1e-30)
+            if rows:
+                q_kid = kid_q[row, i]
+                # after rejecting c_1 ~ q the law left is max(0, p - q) of mass left_mass
+                p = mx.where(rejected_q, mx.maximum(p - q_kid, 0.0), p)
+                mass = mx.where(rejected_q, left_mass[row], 1.0) - rejected_mass
+                ratio = p / mx.maximum(mass, 1e-30)
+                if i == 0:
+                    ratio = mx.where(sampled, sampled_acceptance(p, q_kid), ratio)
+            else:
+                ratio = p / mx.maximum(1.0 - rejected_mass, 1e-30)
             take = live & (uniforms[:, level, i] < ratio)
             drop = live & ~take
+            if rows and i == 0:
+                rejected_q = drop & sampled
+                drop = drop & ~sampled  # its mass is accounted for by left_mass
             rejected_mass = rejected_mass + mx.where(drop, p, 0.0)
             chosen = mx.where(take, child, chosen)
         descended = chosen >= 0
+        stop_rejected_q = stop_rejected_q | (~descended & ~stopped & rejected_q)
         stopped = stopped | ~descended
         num = num + descended.astype(mx.int32)
         node = mx.where(descended, chosen, node).astype(mx.int32)
-    next_root = residual_draw(log_weights[node], gumbel, kid_tokens[node], live_kids[node])
+    weights = log_weights[node]  # (S, V)
+    if rows:
+        left = sampled_residual(weights, log_q[mx.minimum(node, rows - 1)])
+        weights = mx.where(stop_rejected_q[:, None], left, weights)
+    next_root = residual_draw(weights, gumbel, kid_tokens[node], live_kids[node])
     return num, node, next_root
 
 

@@ -35,7 +35,12 @@ from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
 from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, with_lookup
-from mlx_redrafter.drafters import ParallelDrafter, PromptLookupDrafter, draft_model_drafter
+from mlx_redrafter.drafters import (
+    ParallelDrafter,
+    PromptLookupDrafter,
+    ReDrafter,
+    draft_model_drafter,
+)
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, balanced_subset, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
@@ -145,14 +150,17 @@ class Ours(Method):
         length=4,
         acceptance="exact",
         label="ReDrafter",
+        sample=True,
     ):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.drafter, self.width, self.length, self.acceptance = drafter, width, length, acceptance
+        self.sample = sample
         if drafter is None:
             self.name = "ours AR"
         else:
             rule = "" if acceptance == "exact" or params.greedy else f", {acceptance} rule"
-            self.name = f"{label} W{width} L{length}{rule}"
+            beam = "" if sample or params.greedy or width > 1 else ", beam-search draft"
+            self.name = f"{label} W{width} L{length}{rule}{beam}"
             self.depth = length - 1
 
     def generate(self, prompt, max_tokens, stats):
@@ -160,6 +168,7 @@ class Ours(Method):
         if hasattr(head, "keep_logprobs"):
             # only the ReDrafter rule needs the head's log-probs; don't pay for them otherwise
             head.keep_logprobs = self.acceptance == "redrafter" and not self.params.greedy
+            head.sample = self.sample and not head.keep_logprobs
         return stream_generate(
             self.model,
             self.tokenizer,
@@ -383,8 +392,11 @@ def head_methods(
 ) -> list[Method]:
     """Method (e): the head at every beam shape, rule and ``--lookup-beams`` count."""
     rules = ["exact", "redrafter"] if args.acceptance == "both" else [args.acceptance]
+    samples = {"on": [True], "off": [False], "both": [True, False]}[args.sampled_draft]
     if params.greedy:
-        rules = ["exact"]
+        rules, samples = ["exact"], [True]
+    if not isinstance(head, ReDrafter):
+        samples = [True]  # only a ReDrafter head samples its chain
     methods: list[Method] = []
     for lookup in args.lookup_beams:
         for rule in rules:
@@ -394,9 +406,20 @@ def head_methods(
             name = f"{label} + lookup {lookup}" if lookup else label
             for width in args.beam_width:
                 for length in args.beam_length:
-                    methods.append(
-                        Ours(model, tokenizer, params, drafter, width, length, rule, label=name)
-                    )
+                    for sample in samples if rule == "exact" and width == 1 else [True]:
+                        methods.append(
+                            Ours(
+                                model,
+                                tokenizer,
+                                params,
+                                drafter,
+                                width,
+                                length,
+                                rule,
+                                label=name,
+                                sample=sample,
+                            )
+                        )
     return methods
 
 
@@ -421,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=parse_ints, default=[1, 2, 4])
     p.add_argument("--beam-length", type=parse_ints, default=[3, 4, 5])
     p.add_argument("--acceptance", choices=["exact", "redrafter", "both"], default="exact")
+    p.add_argument(
+        "--sampled-draft",
+        choices=["on", "off", "both"],
+        default="on",
+        help="sampling at W = 1: the ReDrafter head samples its chain (on, the default) or "
+        "drafts by beam search (off); both = compare them",
+    )
     p.add_argument("--draft-model", default=None, help="draft model for the methods (c)")
     p.add_argument(
         "--draft-method",

@@ -176,7 +176,8 @@ def accept(
 
     Greedy when ``temp == 0``; the chain rule when the drafter is ``stochastic`` and the
     draft carries the ``q`` its tokens were sampled from; else ``rule`` (``"exact"`` or
-    ``"redrafter"``) for deterministic drafts.
+    ``"redrafter"``) for deterministic drafts, the exact walk testing a sampled beam 0
+    (``draft.proposal``) with ``min(1, p/q)``.
     """
     tokens = mx.array(tree.tokens)
     if params.greedy:
@@ -189,7 +190,7 @@ def accept(
         return accept_redrafter(
             tree, tokens, params.probs(logits), draft.draft_logprobs, params.temp
         )
-    return accept_exact(tree, tokens, params.log_weights(logits))
+    return accept_exact(tree, tokens, params.log_weights(logits), draft.proposal)
 
 
 def prefill(
@@ -313,10 +314,11 @@ def _context(
 
 
 def _draft_arrays(draft: Draft | None) -> list[mx.array]:
-    """The arrays of a (lazy) draft that the host reads: beams and the valid mask."""
+    """The arrays of a (lazy) draft evaluated in the step's sync: beams, the valid mask
+    (the host reads both) and a sampled beam's proposal."""
     if draft is None:
         return []
-    return [draft.beams] if draft.valid is None else [draft.beams, draft.valid]
+    return [a for a in (draft.beams, draft.valid, draft.proposal) if a is not None]
 
 
 def _host_draft(draft: Draft) -> tuple[np.ndarray, np.ndarray | None]:

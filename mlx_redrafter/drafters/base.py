@@ -79,11 +79,18 @@ class Draft:
             position and every later position of its beam are neither verified nor
             accepted (for drafters that propose fewer than ``L - 1`` tokens, e.g. prompt
             lookup without a long enough match); ``valid[:, 0]`` (the root) is ignored.
+        proposal: ``(L-1, V)`` float32 normalised log-probabilities, or ``None``: beam 0's
+            drafted token ``j + 1`` was *sampled* from ``softmax(proposal[j])`` (target
+            vocabulary), the other beams are deterministic. The exact walk then tests
+            beam 0's tokens with ``min(1, p/q)`` (a ReDrafter head's sampled chain,
+            alone or in a combined tree; see :mod:`mlx_redrafter.accept`). Beam 0 must
+            be fully valid.
     """
 
     beams: mx.array
     draft_logprobs: mx.array | None = None
     valid: mx.array | None = None
+    proposal: mx.array | None = None
 
 
 @runtime_checkable

@@ -22,7 +22,9 @@ Exactness: the combined tree is verified by the exact tree walk (or greedy match
 which is exact for any candidate tree built without looking at the target's own random
 draws, so the members' proposal distributions are not needed: ``draft_logprobs`` is
 ``None`` and ``stochastic`` is ``False`` (the ReDrafter rule, which needs the head's
-log-probabilities, is not available).
+log-probabilities, is not available). A primary that samples its chain (a ReDrafter head
+at ``temp > 0``, ``W = 1``) passes its ``proposal`` on as beam 0's, so the walk tests
+that beam with ``min(1, p/q)`` and the lookup beams as deterministic candidates.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def stack_drafts(drafts: Sequence[Draft]) -> Draft:
     """The beams of ``drafts`` (each ``(W_i, L)``, same root) stacked: ``(sum W_i, L)``.
 
     The result's ``valid`` is the members' masks stacked (all-true for a member without
-    one); ``draft_logprobs`` is dropped (see the module docstring).
+    one); ``draft_logprobs`` is dropped (see the module docstring). The first draft's
+    ``proposal`` (a sampled chain as beam 0) is kept; the others' are dropped (their
+    beams are then verified as deterministic candidates, which stays exact).
     """
     if not drafts:
         raise ValueError("stack_drafts needs at least one draft")
@@ -46,13 +50,14 @@ def stack_drafts(drafts: Sequence[Draft]) -> Draft:
     if len(lengths) != 1:
         raise ValueError(f"drafts of different beam lengths cannot be stacked: {sorted(lengths)}")
     beams = mx.concatenate([d.beams.astype(mx.int32) for d in drafts], axis=0)
+    proposal = drafts[0].proposal
     if all(d.valid is None for d in drafts):
-        return Draft(beams=beams)
+        return Draft(beams=beams, proposal=proposal)
     valid = mx.concatenate(
         [mx.ones(d.beams.shape, dtype=mx.bool_) if d.valid is None else d.valid for d in drafts],
         axis=0,
     )
-    return Draft(beams=beams, valid=valid)
+    return Draft(beams=beams, valid=valid, proposal=proposal)
 
 
 class CombinedDrafter:

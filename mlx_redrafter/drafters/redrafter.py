@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.beam_search import BeamSearcher, BeamSearchResult, Embedder
+from mlx_redrafter.drafters.sampled_chain import ChainSampler
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 CONFIG_FILE = "config.json"
@@ -462,7 +463,12 @@ def save_drafter(
 
 
 class ReDrafter:
-    """The ReDrafter drafter: beam search of a :class:`ReDrafterHead` (deterministic).
+    """The ReDrafter drafter: beam search of a :class:`ReDrafterHead`.
+
+    Greedy decoding, and ``W > 1``, get the head's beam search (deterministic). Sampling
+    with ``W = 1`` gets one chain *sampled* from the head (``sample``, the default; see
+    :mod:`mlx_redrafter.drafters.sampled_chain`), returned with its proposal
+    distribution in ``Draft.proposal`` so the exact walk tests it with ``min(1, p/q)``.
 
     Args:
         head: The draft head.
@@ -471,7 +477,12 @@ class ReDrafter:
             (target space, for the ReDrafter acceptance rule) and keep them in
             :attr:`last_search` (``logprobs`` ``(W, L-1, K)``; map them with
             :meth:`BeamSearchResult.target_logprobs`).
+        sample: Sample the chain when decoding samples with ``W = 1`` (default: unless
+            ``keep_logprobs``, whose rule is defined on beam search).
         compile: Compile one beam-search graph per ``(W, L)`` (default).
+
+    Raises:
+        ValueError: ``sample`` together with ``keep_logprobs``.
     """
 
     stochastic: bool = False
@@ -484,11 +495,18 @@ class ReDrafter:
         embedding: Embedder,
         *,
         keep_logprobs: bool = False,
+        sample: bool | None = None,
         compile: bool = True,
     ):
+        if sample and keep_logprobs:
+            raise ValueError(
+                "the ReDrafter rule (keep_logprobs) verifies beam search: use sample=False"
+            )
         self.head = head
         self.keep_logprobs = keep_logprobs
+        self.sample = not keep_logprobs if sample is None else sample
         self.searcher = BeamSearcher(head, embedding, compile=compile)
+        self.sampler = ChainSampler(head, embedding, compile=compile)
         self.last_search: BeamSearchResult | None = None
 
     @classmethod
@@ -511,7 +529,12 @@ class ReDrafter:
         self.last_search = None
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
-        """Beam search: ``width`` beams ``(W, L)`` of target ids, column 0 = ``root`` (lazy)."""
+        """``width`` beams ``(W, L)`` of target ids, column 0 = ``root`` (lazy): a sampled
+        chain with its ``proposal`` (sampling, ``W = 1``), else beam search."""
+        if self.sample and width == 1 and not context.params.greedy:
+            self.last_search = None
+            chain, log_q = self.sampler(context.hidden, context.root, length, context.params)
+            return Draft(beams=chain, proposal=log_q)
         result = self.searcher(
             context.hidden, context.root, width, length, with_logprobs=self.keep_logprobs
         )
