@@ -233,22 +233,18 @@ def sampled_acceptance(p: mx.array, q: mx.array) -> mx.array:
     return p / mx.maximum(q, 1e-30)
 
 
-def sampled_residual(log_weights: mx.array, log_q: mx.array) -> mx.array:
-    """Log-weights of ``max(0, p - q)``, what is left of ``p`` after a sampled draft from
-    ``q`` was rejected (``-inf`` where nothing is left).
+def sampled_residual(p: mx.array, q: mx.array) -> mx.array:
+    """What is left of ``p`` after a draft sampled from ``q`` was rejected: ``max(0, p - q)``
+    (unnormalised; its sum is the rejection probability).
 
     Args:
-        log_weights: ``(S, V)`` unnormalised log-weights of ``p``.
-        log_q: ``(S, V)`` normalised log-probabilities of ``q``.
+        p: ``(R, V)`` normalised target distribution.
+        q: ``(R, V)`` normalised proposal distribution.
 
     Returns:
-        ``(S, V)`` log-weights (``log_weights`` itself where nothing is left).
+        ``(R, V)`` non-negative weights.
     """
-    p = mx.softmax(log_weights.astype(mx.float32), axis=-1)
-    left = mx.log(mx.maximum(p - mx.exp(log_q), 0.0))
-    # nothing left only through rounding (p == q): a rejection had probability ~0
-    empty = mx.isinf(left.max(axis=-1, keepdims=True))
-    return mx.where(empty, log_weights, left)
+    return mx.maximum(p - q, 0.0)
 
 
 def residual_draw(
@@ -311,10 +307,12 @@ def exact_walk(
     kid_probs = mx.where(live_kids, mx.exp(kid_logw - log_norm), 0.0).astype(mx.float32)
     rows = 0 if log_q is None else log_q.shape[0]
     if rows:
-        q = mx.exp(log_q.astype(mx.float32))  # (R, V)
-        p_rows = mx.exp(log_weights[:rows].astype(mx.float32) - log_norm[:rows])  # (R, V)
-        left_mass = mx.maximum(p_rows - q, 0.0).sum(axis=-1)  # (R,) mass left on rejection
+        q = fast_math.exp_ops(log_q.astype(mx.float32))  # (R, V)
+        p_rows = fast_math.exp_ops(log_weights[:rows].astype(mx.float32) - log_norm[:rows])
+        left = sampled_residual(p_rows, q)  # (R, V) the law left after rejecting c_1 ~ q
+        left_mass = left.sum(axis=-1)  # (R,)
         kid_q = mx.take_along_axis(q, kid_tokens[:rows], axis=-1)  # (R, C)
+        kid_left = mx.take_along_axis(left, kid_tokens[:rows], axis=-1)  # (R, C)
     node = mx.zeros((samples,), dtype=mx.int32)
     num = mx.zeros((samples,), dtype=mx.int32)
     stopped = mx.zeros((samples,), dtype=mx.bool_)
@@ -330,13 +328,12 @@ def exact_walk(
             live = (child >= 0) & (chosen < 0) & ~stopped
             p = kid_probs[node, i]  # (S,)
             if rows:
-                q_kid = kid_q[row, i]
-                # after rejecting c_1 ~ q the law left is max(0, p - q) of mass left_mass
-                p = mx.where(rejected_q, mx.maximum(p - q_kid, 0.0), p)
+                # after rejecting c_1 ~ q the law left is `left`, of mass left_mass
+                p = mx.where(rejected_q, kid_left[row, i], p)
                 mass = mx.where(rejected_q, left_mass[row], 1.0) - rejected_mass
                 ratio = p / mx.maximum(mass, 1e-30)
                 if i == 0:
-                    ratio = mx.where(sampled, sampled_acceptance(p, q_kid), ratio)
+                    ratio = mx.where(sampled, sampled_acceptance(p, kid_q[row, 0]), ratio)
             else:
                 ratio = p / mx.maximum(1.0 - rejected_mass, 1e-30)
             take = live & (uniforms[:, level, i] < ratio)
@@ -353,8 +350,11 @@ def exact_walk(
         node = mx.where(descended, chosen, node).astype(mx.int32)
     weights = log_weights[node]  # (S, V)
     if rows:
-        left = sampled_residual(weights, log_q[mx.minimum(node, rows - 1)])
-        weights = mx.where(stop_rejected_q[:, None], left, weights)
+        left_weights = mx.log(left[mx.minimum(node, rows - 1)])  # (S, V)
+        # nothing left only through rounding (p == q): that rejection had probability ~0
+        empty = mx.isinf(left_weights.max(axis=-1, keepdims=True))
+        use_left = stop_rejected_q[:, None] & ~empty
+        weights = mx.where(use_left, left_weights, weights)
     next_root = residual_draw(weights, gumbel, kid_tokens[node], live_kids[node])
     return num, node, next_root
 

@@ -198,7 +198,7 @@ def test_sampled_chain_walk_preserves_the_distribution(setup, name, lookup):
 def test_drawing_from_p_after_a_sampled_rejection_fails_the_same_test(setup, monkeypatch):
     """Power: after rejecting the sampled child, drawing from ``p`` (rejected children
     removed) instead of ``max(0, p - q)`` is rejected by the very same test."""
-    monkeypatch.setattr(accept, "sampled_residual", lambda log_weights, log_q: log_weights)
+    monkeypatch.setattr(accept, "sampled_residual", lambda p, q: p)
     params = SETTINGS["plain"]
     root, draws = sample_with_sampled_chain(setup, params, lookup=True, seed=1)
     p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
