@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_tokens,
             lookup_beams=[0] if args.acceptance == "redrafter" else args.lookup_beams,
             ngram=args.ngram,
-            setup=setup_key(args.model, args.drafter),
+            setup=setup_key(args.model, args.drafter, args.temp > 0),
         )
         (out / "tune.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))

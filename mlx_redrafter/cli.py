@@ -11,6 +11,9 @@ import mlx.core as mx
 SHIPPED_HEADS = Path(__file__).parent / "heads"
 DEFAULT_HEAD = SHIPPED_HEADS / "smollm2-135m-instruct"
 DEFAULT_SHAPE = (1, 4)
+#: Beam shape when sampling (``--temp > 0``) without a tuned profile: sampled text is
+#: accepted less, so a shorter chain pays (L3 beat L4 at T = 1 in interleaved runs).
+DEFAULT_SAMPLING_SHAPE = (1, 3)
 #: Prompt-lookup beams added to a draft head's tree when ``--lookup-beams`` is not given.
 DEFAULT_LOOKUP_BEAMS = 1
 #: Drafted tokens per step when ``--num-draft-tokens`` is not given.
@@ -157,7 +160,7 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
         drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
         from mlx_redrafter.profile import setup_key
 
-        setup = setup_key(args.model, args.drafter)
+        setup = setup_key(args.model, args.drafter, sampling(args))
         lookup = lookup_beams_for(args.lookup_beams, acceptance, setup)
         return with_lookup(drafter, lookup, args.ngram), beam_shape(args)
     num_draft = args.num_draft_tokens
@@ -179,12 +182,18 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     return drafter, (args.beam_width or 1, num_draft + 1)
 
 
+def sampling(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for sampled decoding (``--temp > 0``)."""
+    return (getattr(args, "temp", 0.0) or 0.0) > 0
+
+
 def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
     """``(W, L)`` from the flags, else the device profile for this model and drafter, else
     the built-in default."""
     from mlx_redrafter.profile import setup_key, tuned_shape
 
-    width, length = tuned_shape(setup_key(args.model, args.drafter)) or DEFAULT_SHAPE
+    default = DEFAULT_SAMPLING_SHAPE if sampling(args) else DEFAULT_SHAPE
+    width, length = tuned_shape(setup_key(args.model, args.drafter, sampling(args))) or default
     return args.beam_width or width, args.beam_length or length
 
 

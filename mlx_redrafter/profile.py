@@ -1,8 +1,9 @@
 """Beam-shape profiles written by ``python -m mlx_redrafter.bench --tune``.
 
-A profile belongs to one device *and* one setup (target model + drafter): the best beam
-shape depends on the device's verification cost and on the drafter's acceptance, so a
-shape tuned for one model is never applied to another.
+A profile belongs to one device *and* one setup (target model + drafter, greedy or
+sampling): the best beam shape depends on the device's verification cost and on the
+drafter's acceptance, so a shape tuned for one model (or for greedy decoding) is never
+applied to another (or to sampling).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def _name(spec: str | None) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def setup_key(model: str | None, drafter: str | None) -> str:
-    """The setup a profile is for: ``--model`` and ``--drafter`` (resolved paths)."""
-    return f"model={_name(model)} drafter={_name(drafter)}"
+def setup_key(model: str | None, drafter: str | None, sampling: bool = False) -> str:
+    """The setup a profile is for: ``--model`` and ``--drafter`` (resolved paths), and
+    whether decoding samples (``temp > 0``): sampled text is accepted less, so its best
+    shape is tuned apart."""
+    key = f"model={_name(model)} drafter={_name(drafter)}"
+    return f"{key} mode=sampling" if sampling else key
 
 
 def profile_path(setup: str) -> Path:

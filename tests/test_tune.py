@@ -54,6 +54,19 @@ def test_profile_supplies_the_defaults_flags_override(home, tmp_path):
     assert profile.tuned_shape(setup) is None and profile.tuned_lookup_beams(setup) is None
 
 
+def test_sampling_has_its_own_profile_and_default(home):
+    """A greedy profile is not applied to sampled decoding (nor the reverse)."""
+    greedy = SimpleNamespace(beam_width=None, beam_length=None, model=None, drafter=None, temp=0.0)
+    sampled = SimpleNamespace(**{**vars(greedy), "temp": 0.7})
+    assert profile.setup_key(None, None, True) != profile.setup_key(None, None)
+    assert cli.beam_shape(sampled) == cli.DEFAULT_SAMPLING_SHAPE != cli.DEFAULT_SHAPE
+    profile.save_profile(profile.setup_key(None, None), 2, 5, 1)
+    assert cli.beam_shape(greedy) == (2, 5)
+    assert cli.beam_shape(sampled) == cli.DEFAULT_SAMPLING_SHAPE
+    profile.save_profile(profile.setup_key(None, None, True), 1, 2, 0)
+    assert cli.beam_shape(sampled) == (1, 2) and cli.beam_shape(greedy) == (2, 5)
+
+
 def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     home,
     tiny_model_dir,
