@@ -88,6 +88,14 @@ def test_greedy_and_wide_drafts_stay_beam_search(setup):
     assert not ReDrafter(setup.drafter.head, setup.target.embed, keep_logprobs=True).sample
 
 
+def test_top_k_beyond_the_head_vocabulary_keeps_every_id(setup):
+    drafter = _sampling_drafter(setup)
+    wide = SamplingParams(temp=1.0, top_k=VOCAB + 5)
+    draft = drafter.propose(_context(setup, 7, wide), 1, LENGTH)
+    plain = drafter.propose(_context(setup, 7, SETTINGS["plain"]), 1, LENGTH)
+    np.testing.assert_allclose(np.array(draft.proposal[0]), np.array(plain.proposal[0]))
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sampled_chain_follows_its_proposal(setup, name):
     """The proposal is the head's distribution under the target's transforms, and the
@@ -283,3 +291,36 @@ def test_engine_first_tokens_follow_the_target(setup):
     joint /= joint.sum()
     p_value, _, _ = goodness_of_fit(draws, joint)
     assert p_value > 1e-3
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_expected_run_of_per_depth_rates():
+    from mlx_redrafter.train.evaluate import chain_acceptance, expected_run
+
+    p = mx.array([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    q = mx.array([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(np.array(chain_acceptance(p, q)), [0.7, 0.0], atol=1e-7)
+    rates = np.array([[1.0, 1.0, 1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(expected_run(rates), [3.0, 0.75, 0.0])
+
+
+def test_chain_rule_accepts_at_the_evaluated_rate():
+    """What ``train evaluate --temp`` counts per depth, ``sum min(p, q)``, is the rate at which
+    the engine's chain rule accepts a draft sampled from ``q`` (40,000 draws)."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(VOCAB, 0.3))
+    q = rng.dirichlet(np.full(VOCAB, 0.3))
+    draws = 40_000
+    drafted = rng.choice(VOCAB, size=(draws, 1), p=q)
+    p_both = mx.array(np.stack([p, p]).astype(np.float32))[None]  # (1, 2, V)
+    num, _ = accept.chain_walk(
+        mx.array(drafted.astype(np.int32)),
+        mx.broadcast_to(p_both, (draws, 2, VOCAB)),
+        mx.broadcast_to(mx.array(q.astype(np.float32))[None, None], (draws, 1, VOCAB)),
+        mx.random.uniform(shape=(draws, 1), key=mx.random.key(1)),
+        mx.random.gumbel(shape=(draws, VOCAB), key=mx.random.key(2)),
+    )
+    rate = float(np.minimum(p, q).sum())
+    assert abs(np.array(num).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / draws)

@@ -693,10 +693,12 @@ def test_cli_evaluate_scores_every_sequence_and_each_category(tiny_model_dir, tm
     capsys.readouterr()
     report = tmp_path / "scores.json"
     argv = ["evaluate", "--head", str(head), "--data", str(data), "--beam-length", "4"]
+    argv += ["--temp", "1.0"]
     assert main([*argv, "--beam-widths", "1,2", "--lookup-beams", "1", "--json", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "| math |" in out and "W2 + lookup 1" in out
+    assert "| math |" in out and "W2 + lookup 1" in out and "sampled chain T=1" in out
     rows = {r["name"]: r for r in json.loads(report.read_text())}
+    assert all(1.0 <= r["sampled_chain_tokens_per_step"] <= 4.0 for r in rows.values())
     # with lookup beams too, the categories' decoding walks add up to the total's
     for key in ("decode_tokens_per_step_with_lookup", "decode_tokens_per_step_lookup_only"):
         steps = {

@@ -17,6 +17,7 @@ generator, so ``mx.random.seed`` makes a run reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,8 @@ class ChainSampler:
         """The (cached) graph ``(hidden, root, gumbel) -> (chain, log_q)`` for ``params``."""
         if params.greedy:
             raise ValueError("a sampled chain needs temp > 0 (greedy drafts use beam search)")
+        if params.top_k >= self.head.config.output_size:
+            params = replace(params, top_k=0)  # keeps every draft id anyway
         key = _params_key(params)
         if key not in self._functions:
             fn = partial(sample_chain, self.head, self.embedding, params)

@@ -16,6 +16,13 @@ target outside a reduced draft vocabulary always counts as a miss.
   the longest right run over all beams counts.
 * With prompt lookup in the same tree (:func:`lookup_accepted`, the engine's
   ``CombinedDrafter``), a row accepts the longer of the two runs.
+* Sampled chain (:func:`sampled_chain_accepted`, ``W = 1`` at temperature ``T``): the head
+  samples depth ``k`` from ``q_k`` and the chain rule accepts it with probability
+  ``a_k = sum min(p_k, q_k)``, ``p_k`` the target's distribution at position ``t + k``
+  (row ``t + k`` of the same sequence), so the expected accepted length is
+  ``sum_j prod_{k <= j} a_k``. The head's state is teacher-forced on the stored tokens, not
+  on the tokens the chain accepted (exact at depth 1, an approximation deeper); for data
+  distilled at the same temperature the stored tokens are draws from ``p``.
 * ``decode_tokens_per_step[W]``: tokens per target call of greedy decoding along each
   held-out response: start at ``t = r - 1``, emit ``1 + a_t`` tokens, jump to
   ``t + 1 + a_t``. This is what the engine reports for a target that reproduces the
@@ -25,6 +32,7 @@ target outside a reduced draft vocabulary always counts as a miss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -174,6 +182,68 @@ def beam_accepted(
     drafts = np.array(beams)[:, :, 1:]
     correct = (drafts == windows[:, None, 1:]) & in_loss[:, None, :]
     return leading_run(correct.reshape(-1, length - 1)).reshape(-1, width).max(axis=1)
+
+
+def ahead_rows(table: PositionTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``i + k`` (position ``t + k``) of every row ``i`` of ``rows`` ``(n,)``, ``k = 1 ..
+    L-1``: ``(ahead (n, L-1), same (n, L-1))``; where ``t + k`` is not a row of the same
+    sequence ``ahead`` repeats ``i`` and ``same`` is False. A sequence's rows are contiguous
+    and in position order."""
+    depth = np.arange(1, table.length, dtype=np.int64)
+    ahead = rows[:, None].astype(np.int64) + depth[None, :]
+    inside = ahead < table.size
+    ahead = np.where(inside, ahead, rows[:, None])
+    same = inside & (table.sequence[ahead] == table.sequence[rows][:, None])
+    return np.where(same, ahead, rows[:, None]), same
+
+
+def chain_acceptance(p: mx.array, q: mx.array) -> mx.array:
+    """``(...)`` probability that the chain rule accepts a draft sampled from ``q``:
+    ``sum min(p, q)`` over the last axis (``p``, ``q`` ``(..., K)`` on the same ids)."""
+    return mx.minimum(p, q).sum(axis=-1)
+
+
+def expected_run(rates: np.ndarray) -> np.ndarray:
+    """``(n,)`` expected accepted drafts of chains whose depth ``k`` is accepted with
+    probability ``rates[:, k]`` ``(n, D)`` once every earlier depth was."""
+    return np.cumprod(rates, axis=1).sum(axis=1)
+
+
+def sampled_chain_accepted(
+    scorer: HeadScorer,
+    table: PositionTable,
+    features: np.ndarray,
+    lm_head: Callable[[mx.array], mx.array],
+    temperature: float,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """``(N,)`` expected drafts a sampled chain (``W = 1``) gets accepted at every row the
+    engine can meet, at ``temperature`` (module docstring; 0 elsewhere).
+
+    Args:
+        scorer: The head over ``table``.
+        table: Positions.
+        features: ``(N, d)`` target hidden states of the rows.
+        lm_head: The target's LM head ``(..., d) -> (..., V)``.
+        temperature: ``T > 0``, applied to the target's and the head's logits alike.
+        batch_size: Rows per forward.
+    """
+    if temperature <= 0:
+        raise ValueError("a sampled chain needs a temperature > 0")
+    expected = np.zeros(table.size)
+    depths = table.length - 1
+    rows_met = np.flatnonzero(table.at_inference)
+    for lo in range(0, rows_met.size, batch_size):
+        rows = rows_met[lo : lo + batch_size]
+        logits = scorer.logits(rows)[:, :depths].astype(mx.float32)  # (n, D, K)
+        draft_ids = scorer.to_target_ids(mx.arange(logits.shape[-1]))  # (K,)
+        q = mx.softmax(logits / temperature, axis=-1)
+        ahead, same = ahead_rows(table, rows)
+        target = lm_head(mx.array(features[ahead]).astype(mx.float32)).astype(mx.float32)
+        p = mx.softmax(target / temperature, axis=-1)[..., draft_ids]  # (n, D, K)
+        rates = np.array(chain_acceptance(p, q)) * (same & table.in_loss[rows])
+        expected[rows] = expected_run(rates)
+    return expected
 
 
 @dataclass

@@ -58,7 +58,7 @@ from mlx_redrafter.drafters.redrafter import (
     save_drafter,
 )
 from mlx_redrafter.train.batch_generate import split_model
-from mlx_redrafter.train.evaluate import EvalResult, evaluate
+from mlx_redrafter.train.evaluate import EvalResult, ahead_rows, evaluate
 from mlx_redrafter.train.features import (
     DISTILLED_DIR,
     FEATURE_DTYPES,
@@ -632,13 +632,7 @@ class Trainer:
         Depth ``k`` of row ``i`` reads row ``i + k``: position ``t + k`` of the same
         sequence (a sequence's rows are contiguous and in position order).
         """
-        table = self.data.train_table
-        depth = np.arange(1, table.length, dtype=np.int64)
-        ahead = safe[:, None].astype(np.int64) + depth[None, :]
-        inside = ahead < table.size
-        ahead = np.where(inside, ahead, safe[:, None])
-        same = inside & (table.sequence[ahead] == table.sequence[safe][:, None])
-        ahead = np.where(same, ahead, safe[:, None])
+        ahead, same = ahead_rows(self.data.train_table, safe)
         teacher = self.features.rows(ahead.reshape(-1)).reshape(*ahead.shape, -1)
         return teacher, mx.array(same & in_loss), self.projection
 

@@ -12,7 +12,10 @@ outcomes, for each category:
   outside it can never be drafted);
 * tokens per step of greedy decoding along each response (``decode_tokens_per_step``), by
   beam width and by the prompt file's ``category`` when it has one. For a greedy target
-  that reproduces the stored responses this is what the engine reports.
+  that reproduces the stored responses this is what the engine reports;
+* with ``--temp T``: the expected tokens per step (per position) of the head's sampled
+  chain at temperature ``T`` (``W = 1``, the head alone; see
+  :func:`~mlx_redrafter.train.evaluate.sampled_chain_accepted`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from mlx_redrafter.drafters import head_kind
@@ -32,12 +37,14 @@ from mlx_redrafter.drafters.redrafter import (
     find_input_embedding,
     load_drafter,
 )
+from mlx_redrafter.train.batch_generate import split_model
 from mlx_redrafter.train.evaluate import (
     EvalResult,
     RowMetrics,
     decode_tokens_per_step,
     lookup_accepted,
     row_metrics,
+    sampled_chain_accepted,
     scorer_for,
     summarise,
 )
@@ -62,6 +69,9 @@ class Scored:
     with_lookup: dict[int, float] = field(default_factory=dict)
     #: Tokens per step of prompt lookup alone (``nan`` without ``--lookup-beams``).
     lookup_only: float = float("nan")
+    #: Expected tokens per step (per position) of the sampled chain (``nan`` without
+    #: ``--temp``).
+    sampled: float = float("nan")
 
     def to_dict(self) -> dict:
         """JSON-friendly form."""
@@ -77,6 +87,8 @@ class Scored:
                 str(w): v for w, v in self.with_lookup.items()
             }
             out["decode_tokens_per_step_lookup_only"] = self.lookup_only
+        if not np.isnan(self.sampled):
+            out["sampled_chain_tokens_per_step"] = self.sampled
         return out
 
 
@@ -118,6 +130,8 @@ class Scoring:
         metrics: The head's per-row outcomes (:func:`row_metrics`).
         lookup: ``(N,)`` drafts prompt lookup gets accepted at each row (``None``: not
             scored).
+        sampled: ``(N,)`` expected drafts the sampled chain gets accepted at each row
+            (``None``: not scored).
     """
 
     head: ReDrafterHead | ParallelHead
@@ -125,6 +139,7 @@ class Scoring:
     table: PositionTable
     metrics: RowMetrics
     lookup: np.ndarray | None = None
+    sampled: np.ndarray | None = None
 
     def group(self, name: str = "all", picked: np.ndarray | None = None) -> Scored:
         """Scores of the sequences with sorted indices ``picked`` (``None``: all)."""
@@ -144,6 +159,8 @@ class Scoring:
             coverage(self.head, responses),
             summarise(table, metrics),
         )
+        if self.sampled is not None and table.at_inference.any():
+            scored.sampled = float(1.0 + self.sampled[rows][table.at_inference].mean())
         if self.lookup is not None:
             lookup = self.lookup[rows]
             scored.lookup_only = decode_tokens_per_step(table, lookup)
@@ -163,6 +180,8 @@ def score(
     beam_widths: tuple[int, ...] = (),
     lookup_beams: int = 0,
     ngram: int = 3,
+    temperature: float = 0.0,
+    lm_head: Callable[[mx.array], mx.array] | None = None,
 ) -> Scoring:
     """Run ``head`` once over ``sequences`` (``(tokens (T,), response_start)`` pairs).
 
@@ -175,13 +194,18 @@ def score(
         beam_widths: Beam widths ``W > 1`` simulated besides ``W = 1``.
         lookup_beams: Prompt-lookup beams added to the head's tree (0: the head alone).
         ngram: Longest n-gram prompt lookup matches.
+        temperature: With ``lm_head``, also score the sampled chain at this temperature.
+        lm_head: The target's LM head ``(..., d) -> (..., V)``.
     """
     scorer = scorer_for(head, embedding, table, features)
     metrics = row_metrics(scorer, table, draft_labels_of(head), beam_widths=beam_widths)
     lookup = None
     if lookup_beams > 0:
         lookup = lookup_accepted(table, [t for t, _ in sequences], ngram, lookup_beams)
-    return Scoring(head, sequences, table, metrics, lookup)
+    sampled = None
+    if temperature > 0 and lm_head is not None:
+        sampled = sampled_chain_accepted(scorer, table, features, lm_head, temperature)
+    return Scoring(head, sequences, table, metrics, lookup, sampled)
 
 
 def categories_of(meta: dict, count: int) -> list[str] | None:
@@ -197,12 +221,17 @@ def categories_of(meta: dict, count: int) -> list[str] | None:
     return [p.category for p in prompts]
 
 
-def format_table(rows: list[Scored], widths: list[int], lookup_beams: int = 0) -> str:
+def format_table(
+    rows: list[Scored], widths: list[int], lookup_beams: int = 0, temperature: float = 0.0
+) -> str:
     """Markdown table: one row per group, tokens per step per beam width (and with
-    ``lookup_beams`` prompt-lookup beams in the tree, and lookup alone, when given)."""
+    ``lookup_beams`` prompt-lookup beams in the tree, and lookup alone, when given; and the
+    sampled chain at ``temperature`` when scored)."""
     names = [f"tok/step W{w}" for w in widths]
     if lookup_beams:
         names += [f"W{w} + lookup {lookup_beams}" for w in widths] + ["lookup alone"]
+    if temperature > 0:
+        names.append(f"sampled chain T={temperature:g}")
     lines = [
         "| group | seqs | tokens | coverage | top-1 by depth | " + " | ".join(names) + " |",
         "|" + "---|" * (5 + len(names)),
@@ -212,6 +241,8 @@ def format_table(rows: list[Scored], widths: list[int], lookup_beams: int = 0) -
         values = [row.result.decode_tokens_per_step[w] for w in widths]
         if lookup_beams:
             values += [row.with_lookup[w] for w in widths] + [row.lookup_only]
+        if temperature > 0:
+            values.append(row.sampled)
         cells = " | ".join(f"{v:.2f}" for v in values)
         lines.append(
             f"| {row.name} | {row.sequences} | {row.response_tokens} | {row.coverage:.3f} | "
@@ -239,6 +270,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="also score the head with K prompt-lookup beams in its tree, and lookup alone",
     )
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")
+    p.add_argument(
+        "--temp",
+        type=float,
+        default=0.0,
+        help="also score the head's sampled chain (W = 1) at this temperature: expected "
+        "tokens per step",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(handler=run)
     return p
@@ -277,6 +315,11 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.lookup_beams < 0 or args.ngram < 1:
             raise ValueError("--lookup-beams must be >= 0 and --ngram >= 1")
+        if args.temp < 0:
+            raise ValueError("--temp must be >= 0")
+        parts = split_model(model)
+        if args.temp > 0 and not parts.head_split:
+            raise ValueError("--temp: the target's LM head cannot be split off its backbone")
     except (ValueError, OSError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -284,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
     index = dataset.prompt_index
     table, features = teacher_forced(model, sequences, length)
     lookup = {"lookup_beams": args.lookup_beams, "ngram": args.ngram}
-    scoring = score(head, embedding, sequences, table, features, tuple(widths), **lookup)
+    sampled = {"temperature": args.temp, "lm_head": parts.head}
+    scoring = score(head, embedding, sequences, table, features, tuple(widths), **lookup, **sampled)
     rows = [scoring.group()]
     categories = categories_of(dataset.meta, int(index.max()) + 1)
     if categories is not None and len({categories[i] for i in index}) > 1:
@@ -292,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         for name in sorted(set(labels.tolist())):
             rows.append(scoring.group(name, np.flatnonzero(labels == name)))
     print(f"head {args.head} ({kind}), L = {length}")
-    print(format_table(rows, widths, args.lookup_beams))
+    print(format_table(rows, widths, args.lookup_beams, args.temp))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
     return 0
