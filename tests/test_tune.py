@@ -111,3 +111,27 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     assert largest == (2 + 1) * 3  # verify costs measured up to the widest combined tree
     assert cli.lookup_beams_for(None, "exact", setup) == best["lookup_beams"]
     assert cli.lookup_beams_for(None, "exact") == cli.DEFAULT_LOOKUP_BEAMS
+
+
+def test_tune_at_a_temperature_saves_the_sampling_profile(home, tiny_model_dir, head_dir):
+    """Sampling (the head's chain sampled at W = 1) tunes and saves apart from greedy."""
+    model, tokenizer = load(str(tiny_model_dir))
+    head = load_drafter(head_dir, model)
+    prompts = [chat_tokens(tokenizer, t) for t in ["a b c a b c a b", "hello hello"]]
+    mx.random.seed(0)
+    sampling = profile.setup_key(str(tiny_model_dir), str(head_dir), True)
+    report = tune(
+        model,
+        tokenizer,
+        head,
+        prompts,
+        SamplingParams(temp=1.0),
+        widths=[1],
+        lengths=[2, 3],
+        max_tokens=8,
+        lookup_beams=[0, 1],
+        setup=sampling,
+    )
+    assert len(report["candidates"]) == 4
+    assert profile.tuned_shape(sampling) is not None
+    assert profile.tuned_shape(profile.setup_key(str(tiny_model_dir), str(head_dir))) is None
