@@ -191,15 +191,20 @@ def sampled_rows(tree: Tree, proposal: mx.array | None) -> int:
 
 
 def exact_randomness(
-    tree: Tree, vocab_size: int, samples: int = 1, key: mx.array | None = None
+    tree: Tree,
+    vocab_size: int,
+    samples: int = 1,
+    key: mx.array | None = None,
+    children: np.ndarray | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Fresh randomness for :func:`exact_walk`: uniforms ``(S, L, C)``, Gumbel ``(S, V)``.
 
     One Gumbel vector per draw: the walk emits exactly one sampled token (at the node where
-    it stops), so one vector serves whichever node that is.
+    it stops), so one vector serves whichever node that is. ``children``: the tree's
+    :func:`children_table` when the caller has it (else it is built here).
     """
     depth = tree.unpack.shape[1]
-    width = children_table(tree).shape[1]
+    width = (children_table(tree) if children is None else children).shape[1]
     key_u, key_g = mx.random.split(key) if key is not None else (None, None)
     uniforms = mx.random.uniform(shape=(samples, depth, width), key=key_u)
     gumbel = mx.random.gumbel(shape=(samples, vocab_size), key=key_g)
@@ -219,11 +224,13 @@ def accept_exact(
         proposal: ``(L-1, V)`` log ``q`` of a sampled beam 0 (``Draft.proposal``), or
             ``None`` for a deterministic tree.
     """
-    uniforms, gumbel = exact_randomness(tree, log_weights.shape[-1])
-    children = mx.array(children_table(tree))
+    table = children_table(tree)
+    uniforms, gumbel = exact_randomness(tree, log_weights.shape[-1], children=table)
     rows = sampled_rows(tree, proposal)
     log_q = None if proposal is None else proposal[:rows]
-    num, node, next_root = _compiled_walk(children, tokens, log_weights, uniforms, gumbel, log_q)
+    num, node, next_root = _compiled_walk(
+        mx.array(table), tokens, log_weights, uniforms, gumbel, log_q
+    )
     return _finish(tree, tokens, _beam_of(tree, node[0]), num[0], next_root[0])
 
 

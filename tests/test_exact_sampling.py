@@ -264,7 +264,17 @@ def test_sampling_params_match_mlx_lm_sampler():
     assert 0.5 * np.abs(freq - probs).sum() < 0.03
 
 
-def _engine_tokens(setup: Setup, seed: int, params: SamplingParams, n: int) -> list[int]:
+def engine_tokens(
+    setup: Setup,
+    seed: int,
+    params: SamplingParams,
+    n: int,
+    drafter=None,
+    width: int = 2,
+    length: int = 3,
+) -> list[int]:
+    """The first ``n`` tokens ``stream_generate`` emits after ``PROMPT`` with ``drafter``
+    (default: the setup's head) under ``seed``."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from tiny_models import byte_tokenizer
 
@@ -281,18 +291,28 @@ def _engine_tokens(setup: Setup, seed: int, params: SamplingParams, n: int) -> l
             PROMPT,
             max_tokens=n,
             sampler=params,
-            drafter=setup.drafter,
-            beam_width=2,
-            beam_length=3,
+            drafter=setup.drafter if drafter is None else drafter,
+            beam_width=width,
+            beam_length=length,
         )
     ]
 
 
+def engine_joint(setup: Setup, params: SamplingParams) -> np.ndarray:
+    """``(V, V)`` enumerated law of the first two tokens after ``PROMPT`` (the prefill's
+    sample, then the first speculative step's first token)."""
+    first = setup.next_probs(PROMPT, params)
+    joint = np.zeros((VOCAB, VOCAB))
+    for x0 in np.nonzero(first > 1e-4)[0]:
+        joint[x0] = first[x0] * setup.next_probs(PROMPT + [int(x0)], params)
+    return joint / joint.sum()
+
+
 def test_seeded_determinism(setup):
     params = SETTINGS["top_p_top_k"]
-    a = _engine_tokens(setup, 11, params, 40)
-    b = _engine_tokens(setup, 11, params, 40)
-    c = _engine_tokens(setup, 12, params, 40)
+    a = engine_tokens(setup, 11, params, 40)
+    b = engine_tokens(setup, 11, params, 40)
+    c = engine_tokens(setup, 12, params, 40)
     assert a == b and a != c
 
 
@@ -300,11 +320,6 @@ def test_seeded_determinism(setup):
 def test_engine_first_tokens_follow_the_target(setup):
     """End to end through ``stream_generate``: the first two tokens' joint law."""
     params = SETTINGS["plain"]
-    draws = np.array([_engine_tokens(setup, 1000 + i, params, 2) for i in range(1500)])
-    first = setup.next_probs(PROMPT, params)
-    joint = np.zeros((VOCAB, VOCAB))
-    for x0 in np.nonzero(first > 1e-4)[0]:
-        joint[x0] = first[x0] * setup.next_probs(PROMPT + [int(x0)], params)
-    joint /= joint.sum()
-    p_value, _, _ = goodness_of_fit(draws, joint)
+    draws = np.array([engine_tokens(setup, 1000 + i, params, 2) for i in range(1500)])
+    p_value, _, _ = goodness_of_fit(draws, engine_joint(setup, params))
     assert p_value > 1e-3

@@ -22,6 +22,8 @@ from test_exact_sampling import (
     VOCAB,
     Setup,
     _emitted,
+    engine_joint,
+    engine_tokens,
     exact_joint,
     goodness_of_fit,
 )
@@ -172,11 +174,11 @@ def sample_with_sampled_chain(setup: Setup, params, lookup: bool, seed: int):
     for (x1, x2), (count, log_q) in _chains(setup, params, root, rng).items():
         beams = [[root, x1, x2]] + ([[root, a, b]] if lookup else [])
         tree, log_weights = _tree_log_weights(setup, params, np.array(beams))
-        uniforms, gumbel = exact_randomness(tree, VOCAB, count)
-        children = mx.array(children_table(tree))
+        table = children_table(tree)
+        uniforms, gumbel = exact_randomness(tree, VOCAB, count, children=table)
         rows = accept.sampled_rows(tree, log_q)
         num, last, nxt = exact_walk(
-            children, mx.array(tree.tokens), log_weights, uniforms, gumbel, log_q[:rows]
+            mx.array(table), mx.array(tree.tokens), log_weights, uniforms, gumbel, log_q[:rows]
         )
         mx.eval(num, last, nxt)
         outs.append(_emitted(tree, np.array(num), np.array(last), np.array(nxt), 2))
@@ -228,27 +230,7 @@ def test_point_mass_test_of_the_sampled_child_fails_the_same_test(setup, monkeyp
 
 
 def _engine_tokens(setup: Setup, drafter, seed: int, params, n: int) -> list[int]:
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tiny_models import byte_tokenizer
-
-    from mlx_redrafter.engine import stream_generate
-
-    tok = TokenizerWrapper(byte_tokenizer())
-    tok.eos_token_ids = {10**6}
-    mx.random.seed(seed)
-    return [
-        r.token
-        for r in stream_generate(
-            setup.model,
-            tok,
-            PROMPT,
-            max_tokens=n,
-            sampler=params,
-            drafter=drafter,
-            beam_width=1,
-            beam_length=LENGTH,
-        )
-    ]
+    return engine_tokens(setup, seed, params, n, drafter, width=1, length=LENGTH)
 
 
 def _with_lookup(setup: Setup) -> CombinedDrafter:
@@ -284,12 +266,7 @@ def test_engine_first_tokens_follow_the_target(setup):
     params = SETTINGS["plain"]
     drafter = _with_lookup(setup)
     draws = np.array([_engine_tokens(setup, drafter, 2000 + i, params, 2) for i in range(1500)])
-    first = setup.next_probs(PROMPT, params)
-    joint = np.zeros((VOCAB, VOCAB))
-    for x0 in np.nonzero(first > 1e-4)[0]:
-        joint[x0] = first[x0] * setup.next_probs(PROMPT + [int(x0)], params)
-    joint /= joint.sum()
-    p_value, _, _ = goodness_of_fit(draws, joint)
+    p_value, _, _ = goodness_of_fit(draws, engine_joint(setup, params))
     assert p_value > 1e-3
 
 

@@ -68,6 +68,16 @@ class BeamSearchResult:
         return out
 
 
+def compile_with_head(fn: Callable, head: nn.Module, embedding: Embedder) -> Callable:
+    """``mx.compile(fn)`` with the head's (and an embedding module's) arrays declared as
+    inputs, so later weight updates (e.g. while training) are seen; a plain-callable
+    embedding's arrays are captured as constants."""
+    inputs = [head]
+    if isinstance(embedding, nn.Module):
+        inputs.append(embedding)
+    return mx.compile(fn, inputs=inputs)
+
+
 def sorted_top(scores: mx.array, k: int) -> mx.array:
     """Indices ``(k,)`` of the ``k`` largest of ``scores`` ``(N,)``, best first.
 
@@ -171,10 +181,7 @@ class BeamSearcher:
                 with_logprobs=with_logprobs,
             )
             if self.compile:
-                inputs = [self.head]
-                if isinstance(self.embedding, nn.Module):
-                    inputs.append(self.embedding)
-                fn = mx.compile(fn, inputs=inputs)
+                fn = compile_with_head(fn, self.head, self.embedding)
             self._functions[key] = fn
         return self._functions[key]
 

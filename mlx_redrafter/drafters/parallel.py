@@ -40,7 +40,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
-from mlx_redrafter.drafters.beam_search import Embedder
+from mlx_redrafter.drafters.beam_search import Embedder, compile_with_head
 from mlx_redrafter.drafters.factorized_tree import factorized_tree
 from mlx_redrafter.drafters.group_mask import example_layout, group_attention_mask
 from mlx_redrafter.drafters.redrafter import (
@@ -507,10 +507,7 @@ class ParallelDrafter:
                 with_logprobs=self.keep_logprobs,
             )
             if self.compile:
-                inputs = [self.head]
-                if isinstance(self.embedding, nn.Module):
-                    inputs.append(self.embedding)
-                fn = mx.compile(fn, inputs=inputs)
+                fn = compile_with_head(fn, self.head, self.embedding)
             self._functions[key] = fn
         return self._functions[key]
 

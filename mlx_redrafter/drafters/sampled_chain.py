@@ -22,9 +22,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from mlx_redrafter.drafters.beam_search import Embedder
+from mlx_redrafter.drafters.beam_search import Embedder, compile_with_head
 from mlx_redrafter.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -100,10 +99,7 @@ class ChainSampler:
         if key not in self._functions:
             fn = partial(sample_chain, self.head, self.embedding, params)
             if self.compile:
-                inputs = [self.head]
-                if isinstance(self.embedding, nn.Module):
-                    inputs.append(self.embedding)
-                fn = mx.compile(fn, inputs=inputs)
+                fn = compile_with_head(fn, self.head, self.embedding)
             self._functions[key] = fn
         return self._functions[key]
 

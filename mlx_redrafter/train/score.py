@@ -317,9 +317,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--lookup-beams must be >= 0 and --ngram >= 1")
         if args.temp < 0:
             raise ValueError("--temp must be >= 0")
-        parts = split_model(model)
-        if args.temp > 0 and not parts.head_split:
-            raise ValueError("--temp: the target's LM head cannot be split off its backbone")
+        lm_head = None
+        if args.temp > 0:
+            parts = split_model(model)  # a probe forward: only when the head is needed
+            if not parts.head_split:
+                raise ValueError("--temp: the target's LM head cannot be split off its backbone")
+            lm_head = parts.head
     except (ValueError, OSError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -327,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     index = dataset.prompt_index
     table, features = teacher_forced(model, sequences, length)
     lookup = {"lookup_beams": args.lookup_beams, "ngram": args.ngram}
-    sampled = {"temperature": args.temp, "lm_head": parts.head}
+    sampled = {"temperature": args.temp, "lm_head": lm_head}
     scoring = score(head, embedding, sequences, table, features, tuple(widths), **lookup, **sampled)
     rows = [scoring.group()]
     categories = categories_of(dataset.meta, int(index.max()) + 1)
