@@ -1,12 +1,15 @@
 """mlx-redrafter: lossless speculative decoding for mlx-lm models.
 
 Importing this package first routes MLX's CPU BLAS to OpenBLAS on Linux (see
-:mod:`mlx_redrafter._blas`); import it before ``mlx.core`` for fast CPU matmuls.
+:mod:`mlx_redrafter._blas`); import it before ``mlx.core`` for fast CPU matmuls. On glibc
+it also keeps large freed buffers in the heap (:mod:`mlx_redrafter._malloc`).
 """
 
 from mlx_redrafter._blas import ensure_openblas
+from mlx_redrafter._malloc import tune_malloc
 
 BLAS = ensure_openblas()
+MALLOC_TUNED = tune_malloc()
 
 # isort: split
 from mlx_redrafter.cli import DEFAULT_HEAD  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -9,7 +10,7 @@ import time
 
 import mlx.core as mx  # noqa: E402  (after mlx_redrafter: the BLAS must load first)
 
-from mlx_redrafter import BLAS
+from mlx_redrafter import BLAS, MALLOC_TUNED
 from mlx_redrafter._blas import blas_symbol_owner
 
 
@@ -39,6 +40,10 @@ def main() -> int:
     owner = blas_symbol_owner()
     if owner:
         print(f"cblas_sgemm resolves to: {owner}")
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    print(f"OpenBLAS thread timeout: {timeout or 'library default'}")
+    tuned = "large buffers kept in the heap" if MALLOC_TUNED else "not tuned"
+    print(f"malloc: {tuned}")
     print(f"fp32 GEMM 2048^3: {gemm_gflops():.1f} GFLOP/s")
     return 0
 

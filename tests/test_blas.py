@@ -81,3 +81,42 @@ def test_non_avx512_cpu_skips_cmeel(monkeypatch):
     info = _blas._try_providers()
     assert "/x/libopenblas.so.0" not in loaded
     assert info.provider is None and "AVX-512" in info.reason
+
+
+@linux_only
+def test_idle_blas_threads_sleep_unless_the_user_chose_otherwise():
+    code = "import os, mlx_redrafter; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _blas.THREAD_TIMEOUT
+    assert _run(code, OPENBLAS_THREAD_TIMEOUT="20").stdout.strip() == "20"
+
+
+_MMAPPED_BYTES = """
+import ctypes
+import mlx_redrafter
+import mlx.core as mx
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+a = mx.zeros((1 << 24,))
+mx.eval(a)
+print(mlx_redrafter.MALLOC_TUNED, mallinfo2().hblkhd >= a.nbytes)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+)
+def test_large_mlx_buffers_come_from_the_heap_not_fresh_mmaps():
+    tuned = _run(_MMAPPED_BYTES)
+    assert tuned.returncode == 0, tuned.stderr
+    assert tuned.stdout.split() == ["True", "False"]
+    plain = _run(_MMAPPED_BYTES, MLX_REDRAFTER_NO_MALLOC_TUNING="1")
+    assert plain.stdout.split() == ["False", "True"]  # the check sees mmapped buffers

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import byte_tokenizer, save_tiny_model_dir, tiny_model
 
@@ -621,3 +622,75 @@ def test_dispatcher_survives_a_broken_fit(monkeypatch, capsys) -> None:
     assert args.batch_size == 64 and args.temperature == 0.0
     assert main(["fit", "--data", "d", "--out", "o"]) == 2
     assert "no fit here" in capsys.readouterr().err
+
+
+def _prefill_inputs(b: int = 3, hq: int = 6, hkv: int = 2, t: int = 5, s: int = 12):
+    q = mx.random.normal((b, hq, t, 16), key=mx.random.key(1))
+    k = mx.random.normal((b, hkv, s, 16), key=mx.random.key(2))
+    v = mx.random.normal((b, hkv, s, 16), key=mx.random.key(3))
+    return q, k, v
+
+
+def _padded_mask(b: int, t: int, s: int) -> mx.array:
+    """``(B, 1, T, S)``: causal at offset ``S - T`` and row ``i`` blind to its last ``i`` keys."""
+    causal = create_causal_mask(t, offset=s - t)
+    keep = mx.arange(s)[None] < (s - mx.arange(b))[:, None]
+    return (causal[None] & keep[:, None, :])[:, None] | (mx.arange(s) == 0)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bool", "per_row"])
+def test_prefill_attention_matches_mlx_sdpa(kind: str) -> None:
+    q, k, v = _prefill_inputs()
+    b, _, t, _ = q.shape
+    s = k.shape[2]
+    mask = {
+        "causal": "causal",
+        "bool": create_causal_mask(t, offset=s - t),
+        "per_row": _padded_mask(b, t, s),
+    }[kind]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    got = fast_ops.fast_sdpa(q, k, v, cache=None, scale=0.25, mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the comparison has power: one mask entry dropped (query 2 of row 0 blind to its own
+    # key) moves the output
+    if kind == "per_row":
+        wrong = mx.array(np.array(mask))
+        wrong[0, 0, 2, s - t + 2] = False
+        off = fast_ops.prefill_attention(q, k, v, 0.25, wrong)
+        assert np.abs(np.array(off - want)).max() > 1e-2
+
+
+def test_prefill_forwards_use_the_grouped_attention_and_other_masks_do_not(monkeypatch) -> None:
+    recorder = _Recorder(fast_ops.prefill_attention)
+    monkeypatch.setattr(fast_ops, "prefill_attention", recorder)
+    model = tiny_model("llama")
+    gen = SlotGenerator(model, {0}, batch_size=4, max_new_tokens=3)
+    assert len(list(gen.generate(Request(i, (1, 2, 3 + i, 4)) for i in range(5)))) == 5
+    assert any(s[0] == 4 and s[2] == 4 for s in recorder.shapes)  # the prompts' prefill
+    assert all(s[2] > 1 for s in recorder.shapes)
+    calls = len(recorder.shapes)
+    q, k, v = _prefill_inputs()
+    additive = mx.where(create_causal_mask(5, offset=7), 0.0, -1e9)
+    got = fast_ops.fast_sdpa(q, k, v, cache=None, scale=0.25, mask=additive)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=additive)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(recorder.shapes) == calls  # an additive mask goes to MLX's own attention
+
+
+def test_refill_min_groups_prefills_without_changing_outputs() -> None:
+    model = tiny_model("qwen3", scale=3.0)
+    tokenizer = TokenizerWrapper(byte_tokenizer())
+    prompts = _prompts(5)
+    eos = _pick_eos(model, tokenizer, prompts)
+    tokenizer.eos_token_ids = eos
+    want = [_reference(model, tokenizer, p, MAX_NEW) for p in prompts]
+    prefills = {}
+    for refill_min in (1, 3):
+        gen = SlotGenerator(model, eos, batch_size=4, max_new_tokens=MAX_NEW, refill_min=refill_min)
+        got = {
+            c.key: c.response.tolist()
+            for c in gen.generate(Request(i, p) for i, p in enumerate(prompts))
+        }
+        assert [got[i] for i in range(len(prompts))] == want
+        prefills[refill_min] = gen.stats.prefills
+    assert prefills[3] < prefills[1]

@@ -88,6 +88,8 @@ class DistillConfig:
     shard_size: int = 256
     flush_seconds: float = 300.0
     prefill_chunk: int = 512
+    prefill_rows: int = 8
+    refill_min: int = 1
     max_prompt_tokens: int = 4096
     chat_template: bool = True
     fast_kernels: bool = True
@@ -100,7 +102,14 @@ class DistillConfig:
     def check(self) -> None:
         """Raise ``ValueError`` on impossible values."""
         positive = ("max_new_tokens", "samples_per_prompt", "batch_size", "shard_size")
-        for name in (*positive, "prefill_chunk", "max_prompt_tokens", "streams"):
+        for name in (
+            *positive,
+            "prefill_chunk",
+            "prefill_rows",
+            "refill_min",
+            "max_prompt_tokens",
+            "streams",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.temperature < 0:
@@ -335,6 +344,8 @@ def distill(
             temperature=config.temperature,
             seed=config.seed,
             prefill_chunk=config.prefill_chunk,
+            prefill_rows=config.prefill_rows,
+            refill_min=config.refill_min,
             fast_kernels=config.fast_kernels,
             native_attention=config.native_attention,
             streams=config.streams,
@@ -515,6 +526,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward"
+    )
+    p.add_argument(
+        "--prefill-rows", type=int, default=8, help="most prompts prefilled in one forward"
+    )
+    p.add_argument(
+        "--refill-min",
+        type=int,
+        default=1,
+        help="prefill waiting prompts only once this many slots are free (fewer, larger "
+        "prefill forwards)",
     )
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="skip longer prompts")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false")

@@ -1,4 +1,4 @@
-"""Faster CPU kernels for batched decoding: ``exp``, SwiGLU and one-token attention.
+"""Faster CPU kernels for batched decoding: ``exp``, SwiGLU and attention.
 
 The Linux CPU build of MLX evaluates ``exp`` (and so softmax, sigmoid and SiLU) with a
 polynomial whose multiply-adds are scalar ``fma`` library calls, about 14 ns per element:
@@ -13,7 +13,10 @@ built, and restores them afterwards:
   row (decode) with a boolean or no mask: with the native kernel of
   :mod:`mlx_redrafter.train.native_attention` when it is available (3-4x faster on a
   2-core x86 CPU), else via grouped-query matmuls, ``(B, Hkv, rep, D) @ (B, Hkv, D, S)``,
-  and a fast softmax; every other call goes to the original.
+  and a fast softmax; several query tokens per row (prefill) with a causal or boolean
+  mask go through the same grouped matmuls and fast softmax (:func:`prefill_attention`,
+  ~2x faster than MLX's CPU attention at 1,600 tokens); every other call (additive masks,
+  sinks, quantized caches, other dtypes) goes to the original.
 
 Only float32 models of module files that import both names from mlx-lm's ``activations``
 and ``base`` (llama, qwen2, qwen3, phi3, ...) are affected; the swap is checked against the
@@ -32,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import activations as _activations
 from mlx_lm.models import base as _base
+from mlx_lm.models.base import create_causal_mask
 
 from mlx_redrafter.fast_math import exp_ops
 from mlx_redrafter.train import native_attention
@@ -92,6 +96,46 @@ def decode_attention(
     return out.reshape(b, hq, 1, values.shape[-1])
 
 
+def prefill_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array
+) -> mx.array:
+    """Softmax attention of ``T`` query tokens per row with a boolean mask.
+
+    MLX's CPU attention spends most of a prefill in its softmax's ``exp`` (about 0.4 s per
+    layer for one 1,600-token row of SmolLM2); here the scores are grouped-query matmuls
+    and the softmax uses the fast ``exp``.
+
+    Args:
+        queries: ``(B, Hq, T, D)``.
+        keys: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
+        values: ``(B, Hkv, S, Dv)``.
+        scale: Multiplier of the scores.
+        mask: bool, broadcastable to ``(B, 1, T, S)`` (True = attend); every query must
+            see at least one key.
+
+    Returns:
+        ``(B, Hq, T, Dv)``.
+    """
+    b, hq, t, d = queries.shape
+    hkv = keys.shape[1]
+    q = (queries * scale).reshape(b, hkv, hq // hkv, t, d)
+    scores = q @ keys[:, :, None].swapaxes(-1, -2)
+    m = mask if mask.ndim < 4 else mask[:, :, None]
+    peak = mx.where(m, scores, -mx.inf).max(axis=-1, keepdims=True)
+    weights = _masked_exp(scores, peak, m)
+    out = (weights @ values[:, :, None]) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(b, hq, t, values.shape[-1])
+
+
+def _prefill_mask(mask: Any, t: int, s: int) -> mx.array | None:
+    """A bool mask for :func:`prefill_attention`, or None when it cannot take ``mask``."""
+    if isinstance(mask, str):
+        return create_causal_mask(t, offset=s - t) if mask == "causal" else None
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        return mask if mask.ndim < 4 or mask.shape[1] == 1 else None
+    return None
+
+
 def _decode_mask(mask: Any) -> tuple[bool, mx.array | None]:
     """Whether :func:`decode_attention` can take ``mask``, and the mask it should get."""
     if mask is None:
@@ -126,6 +170,16 @@ def _sdpa(
             native = native and native_attention.available()
             attend = native_attention.decode_attention if native else decode_attention
             return attend(queries, keys, values, scale, decode_mask)
+    grouped = (
+        sinks is None
+        and not hasattr(cache, "bits")
+        and queries.dtype == mx.float32
+        and queries.shape[1] % keys.shape[1] == 0
+    )
+    if grouped and queries.shape[2] > 1:
+        prefill_mask = _prefill_mask(mask, queries.shape[2], keys.shape[2])
+        if prefill_mask is not None:
+            return prefill_attention(queries, keys, values, scale, prefill_mask)
     return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 

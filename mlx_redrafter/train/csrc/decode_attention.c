@@ -40,6 +40,10 @@ static inline float exp_poly(float x) {
 static void one_group(const float *q, const float *k, long k_ss, const float *v, long v_ss,
                       const unsigned char *mask, long m_ss, float *out, int rep, int S, int D,
                       int Dv, float scale, float *scores) {
+    /* Columns after the last allowed one are never read: rows of different lengths share
+     * one buffer width, and a short row stops at its own end. */
+    if (mask)
+        while (S > 0 && !mask[(long)(S - 1) * m_ss]) S--;
     for (int r = 0; r < rep; r++) {
         float *s = scores + (long)r * S;
         const float *qr = q + (long)r * D;
