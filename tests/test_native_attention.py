@@ -50,6 +50,19 @@ def test_kernel_matches_mlx_attention_with_per_row_masks(hq: int, hkv: int) -> N
 
 
 @needs_kernel
+def test_kernel_skips_only_columns_after_a_rows_last_visible_key() -> None:
+    q, k, v = _inputs(3, 6, 2, 16, 8, capacity=16)
+    mask = np.zeros((3, 1, 1, 16), dtype=bool)
+    mask[0, ..., [0, 2, 5, 15]] = True  # holes, and the last column visible
+    mask[1, ..., 3:9] = True  # starts late, ends early
+    mask[2, ..., 7] = True
+    mask = mx.array(mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=mask)
+    got = native_attention.decode_attention(q, k, v, 0.5, mask)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
 def test_kernel_takes_a_broadcast_mask_and_gives_zeros_for_rows_that_see_nothing() -> None:
     q, k, v = _inputs(3, 6, 2, 9, 8, capacity=9)
     shared = (mx.arange(9) < 4)[None, None, None, :]  # (1, 1, 1, S): one mask for all rows
