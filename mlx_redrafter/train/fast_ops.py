@@ -110,8 +110,8 @@ def prefill_attention(
         keys: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
         values: ``(B, Hkv, S, Dv)``.
         scale: Multiplier of the scores.
-        mask: bool, broadcastable to ``(B, 1, T, S)`` (True = attend); every query must
-            see at least one key.
+        mask: bool ``(T, S)`` or ``(B, 1, T, S)`` (True = attend); every query must see
+            at least one key.
 
     Returns:
         ``(B, Hq, T, Dv)``.
@@ -120,7 +120,7 @@ def prefill_attention(
     hkv = keys.shape[1]
     q = (queries * scale).reshape(b, hkv, hq // hkv, t, d)
     scores = q @ keys[:, :, None].swapaxes(-1, -2)
-    m = mask if mask.ndim < 4 else mask[:, :, None]
+    m = mask if mask.ndim == 2 else mask[:, :, None]
     peak = mx.where(m, scores, -mx.inf).max(axis=-1, keepdims=True)
     weights = _masked_exp(scores, peak, m)
     out = (weights @ values[:, :, None]) / weights.sum(axis=-1, keepdims=True)
@@ -132,7 +132,8 @@ def _prefill_mask(mask: Any, t: int, s: int) -> mx.array | None:
     if isinstance(mask, str):
         return create_causal_mask(t, offset=s - t) if mask == "causal" else None
     if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-        return mask if mask.ndim < 4 or mask.shape[1] == 1 else None
+        if mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1):
+            return mask
     return None
 
 
