@@ -131,9 +131,9 @@ def _prefill_mask(mask: Any, t: int, s: int) -> mx.array | None:
     """A bool mask for :func:`prefill_attention`, or None when it cannot take ``mask``."""
     if isinstance(mask, str):
         return create_causal_mask(t, offset=s - t) if mask == "causal" else None
-    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-        if mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1):
-            return mask
+    boolean = isinstance(mask, mx.array) and mask.dtype == mx.bool_
+    if boolean and (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1)):
+        return mask
     return None
 
 
