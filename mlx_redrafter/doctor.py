@@ -11,7 +11,7 @@ import time
 import mlx.core as mx  # noqa: E402  (after mlx_redrafter: the BLAS must load first)
 
 from mlx_redrafter import BLAS, MALLOC_TUNED
-from mlx_redrafter._blas import blas_symbol_owner
+from mlx_redrafter._blas import ENV_THREAD_TIMEOUT, blas_symbol_owner
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -40,7 +40,7 @@ def main() -> int:
     owner = blas_symbol_owner()
     if owner:
         print(f"cblas_sgemm resolves to: {owner}")
-    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    timeout = os.environ.get(ENV_THREAD_TIMEOUT, "")
     print(f"OpenBLAS thread timeout: {timeout or 'library default'}")
     tuned = "large buffers kept in the heap" if MALLOC_TUNED else "not tuned"
     print(f"malloc: {tuned}")

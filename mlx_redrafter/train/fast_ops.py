@@ -157,27 +157,20 @@ def _sdpa(
     sinks: mx.array | None,
     native: bool,
 ) -> mx.array:
-    """mlx-lm's ``scaled_dot_product_attention`` with the decode fast path."""
-    usable = (
-        sinks is None
-        and not hasattr(cache, "bits")
-        and queries.shape[2] == 1
-        and queries.dtype == mx.float32
-        and queries.shape[1] % keys.shape[1] == 0
-    )
-    if usable:
-        ok, decode_mask = _decode_mask(mask)
-        if ok:
-            native = native and native_attention.available()
-            attend = native_attention.decode_attention if native else decode_attention
-            return attend(queries, keys, values, scale, decode_mask)
+    """mlx-lm's ``scaled_dot_product_attention`` with the decode and prefill fast paths."""
     grouped = (
         sinks is None
         and not hasattr(cache, "bits")
         and queries.dtype == mx.float32
         and queries.shape[1] % keys.shape[1] == 0
     )
-    if grouped and queries.shape[2] > 1:
+    if grouped and queries.shape[2] == 1:
+        ok, decode_mask = _decode_mask(mask)
+        if ok:
+            native = native and native_attention.available()
+            attend = native_attention.decode_attention if native else decode_attention
+            return attend(queries, keys, values, scale, decode_mask)
+    elif grouped:
         prefill_mask = _prefill_mask(mask, queries.shape[2], keys.shape[2])
         if prefill_mask is not None:
             return prefill_attention(queries, keys, values, scale, prefill_mask)
