@@ -44,6 +44,10 @@ from mlx_redrafter.drafters import (
 from mlx_redrafter.engine import StepStats, stream_generate
 from mlx_redrafter.prompts import Prompt, balanced_subset, chat_tokens, load_prompts
 from mlx_redrafter.sampling import SamplingParams
+from mlx_redrafter.tune import WIDE_WIDTHS
+
+#: ``--beam-width`` when not given.
+DEFAULT_WIDTHS = (1, 2, 4)
 
 
 @dataclass
@@ -441,7 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--beam-width", type=parse_ints, default=[1, 2, 4])
+    p.add_argument(
+        "--beam-width",
+        type=parse_ints,
+        default=None,
+        help=f"default {','.join(map(str, DEFAULT_WIDTHS))} (--tune: plus "
+        f"{','.join(map(str, WIDE_WIDTHS))} where tree forwards are cheap)",
+    )
     p.add_argument("--beam-length", type=parse_ints, default=[3, 4, 5])
     p.add_argument("--acceptance", choices=["exact", "redrafter", "both"], default="exact")
     p.add_argument(
@@ -488,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
+    explore_wide = args.beam_width is None
+    if explore_wide:
+        args.beam_width = list(DEFAULT_WIDTHS)
     from mlx_redrafter.cli import CLIError, resolve_drafter
     from mlx_redrafter.models import ModelLoadError, load
 
@@ -532,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             lookup_beams=[0] if args.acceptance == "redrafter" else args.lookup_beams,
             ngram=args.ngram,
             setup=setup_key(args.model, args.drafter, args.temp > 0),
+            explore_wide=explore_wide,
         )
         (out / "tune.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))

@@ -27,6 +27,23 @@ from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import pack
 
+#: Beam widths ``bench --tune`` adds on devices where tree forwards are cheap.
+WIDE_WIDTHS = (8, 16)
+#: Tree size of the cheapness probe (a W8 L5 tree before prefix sharing) ...
+WIDE_PROBE_SIZE = 33
+#: ... and the cost ratio to one token under which wide beams are tried: a W8-W16 tree
+#: accepts about 2 tokens per step (the shipped head on MT-Bench), so it cannot beat AR
+#: where verifying it costs two decoding steps or more.
+WIDE_PROBE_RATIO = 2.0
+
+
+def widths_to_try(widths: list[int], costs: dict[int, float]) -> list[int]:
+    """``widths``, plus :data:`WIDE_WIDTHS` when ``costs`` (seconds by tree size, with ``1``
+    and :data:`WIDE_PROBE_SIZE`) say a tree forward is cheap (see :data:`WIDE_PROBE_RATIO`)."""
+    if costs[WIDE_PROBE_SIZE] / costs[1] < WIDE_PROBE_RATIO:
+        return sorted({*widths, *WIDE_WIDTHS})
+    return sorted(set(widths))
+
 
 def verify_costs(
     target: Target, sizes: list[int], context: int = 256, repeats: int = 5
@@ -137,11 +154,14 @@ def tune(
     lookup_beams: list[int] | tuple[int, ...] = (0,),
     ngram: int = 3,
     setup: str | None = None,
+    explore_wide: bool = False,
 ) -> dict:
     """Measure, predict, confirm, save; returns the report.
 
     Candidates are every ``(W, L)`` of ``widths`` x ``lengths`` with each count of
     ``lookup_beams`` (prompt-lookup beams of n-gram size ``ngram`` in the head's tree).
+    With ``explore_wide``, :data:`WIDE_WIDTHS` join ``widths`` when a probe finds tree
+    forwards cheap on this device (:func:`widths_to_try`).
     The winner is saved for ``setup`` (:func:`mlx_redrafter.profile.setup_key`; default:
     the default model and drafter).
     """
@@ -149,6 +169,8 @@ def tune(
         raise ValueError("--tune needs a drafter")
     target = Target(model)
     sample = prompts[: max(3, min(8, len(prompts)))]
+    if explore_wide:
+        widths = widths_to_try(widths, verify_costs(target, [1, WIDE_PROBE_SIZE]))
     largest = (max(widths) + max(lookup_beams)) * max(lengths)
     costs = verify_costs(target, sorted({1, *range(2, largest + 1)}))
     t_ar = costs[1]
@@ -188,6 +210,7 @@ def tune(
     report = {
         "verify_cost_vs_ar": {str(n): c / t_ar for n, c in costs.items()},
         "t_ar_ms": 1000 * t_ar,
+        "beam_widths": list(widths),
         "candidates": candidates,
         "best": {k: best[k] for k in ("beam_width", "beam_length", "lookup_beams")},
     }

@@ -12,11 +12,12 @@ import mlx.core as mx
 import pytest
 
 from mlx_redrafter import cli, profile
+from mlx_redrafter import tune as tune_module
 from mlx_redrafter.drafters import load_drafter
 from mlx_redrafter.models import load
 from mlx_redrafter.prompts import chat_tokens
 from mlx_redrafter.sampling import SamplingParams
-from mlx_redrafter.tune import predict_speedup, tune
+from mlx_redrafter.tune import WIDE_PROBE_SIZE, predict_speedup, tune, widths_to_try
 
 
 @pytest.fixture()
@@ -32,6 +33,43 @@ def test_prediction_interpolates_the_verify_cost():
     assert predict_speedup(2.0, 3.0, 0.02, costs) == pytest.approx(2.0 / 1.6)
     assert predict_speedup(2.0, 9.0, 0.0, costs) == pytest.approx(2.0 / 1.6)  # held at N = 4
     assert predict_speedup(1.0, 1.0, 0.0, costs) == pytest.approx(1.0)
+
+
+def test_wide_beams_join_only_where_tree_forwards_are_cheap():
+    cheap = {1: 0.10, WIDE_PROBE_SIZE: 0.15}
+    dear = {1: 0.10, WIDE_PROBE_SIZE: 0.25}
+    assert widths_to_try([1, 2, 4], cheap) == [1, 2, 4, 8, 16]
+    assert widths_to_try([4, 1], dear) == [1, 4]
+    assert widths_to_try([1], {1: 0.10, WIDE_PROBE_SIZE: 0.20}) == [1]  # 2 steps: no gain
+
+
+@pytest.mark.parametrize(("per_token", "expected"), [(1e-4, [1, 8, 16]), (1e-2, [1])])
+def test_tune_explores_wide_beams_from_the_probe(
+    home, tiny_model_dir, head_dir, monkeypatch, per_token, expected
+):
+    """With ``explore_wide`` the candidates follow the measured cost of a tree forward."""
+
+    def fake_costs(target, sizes, context=256, repeats=5):
+        return {n: 0.01 + per_token * (n - 1) for n in sizes}
+
+    monkeypatch.setattr(tune_module, "verify_costs", fake_costs)
+    model, tokenizer = load(str(tiny_model_dir))
+    head = load_drafter(head_dir, model)
+    prompts = [chat_tokens(tokenizer, t) for t in ["a b c a b c", "hello hello", "x y z"]]
+    report = tune(
+        model,
+        tokenizer,
+        head,
+        prompts,
+        SamplingParams(temp=0.0),
+        widths=[1],
+        lengths=[2],
+        max_tokens=6,
+        setup=profile.setup_key(str(tiny_model_dir), str(head_dir)),
+        explore_wide=True,
+    )
+    assert report["beam_widths"] == expected
+    assert sorted(c["beam_width"] for c in report["candidates"]) == expected
 
 
 def test_profile_supplies_the_defaults_flags_override(home, tmp_path):
