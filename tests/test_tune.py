@@ -27,6 +27,14 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+def tune_tiny(model_dir, head_dir, texts: list[str], temp: float, **options) -> dict:
+    """Run :func:`tune` for the tiny model and head on ``texts`` (chat-templated)."""
+    model, tokenizer = load(str(model_dir))
+    head = load_drafter(head_dir, model)
+    prompts = [chat_tokens(tokenizer, t) for t in texts]
+    return tune(model, tokenizer, head, prompts, SamplingParams(temp=temp), **options)
+
+
 def test_prediction_interpolates_the_verify_cost():
     costs = {1: 0.10, 2: 0.12, 4: 0.16}
     # N = 3 costs 0.14 (between 2 and 4), plus 0.02 of drafting: 2 tokens per 1.6 AR steps
@@ -53,15 +61,11 @@ def test_tune_explores_wide_beams_from_the_probe(
         return {n: 0.01 + per_token * (n - 1) for n in sizes}
 
     monkeypatch.setattr(tune_module, "verify_costs", fake_costs)
-    model, tokenizer = load(str(tiny_model_dir))
-    head = load_drafter(head_dir, model)
-    prompts = [chat_tokens(tokenizer, t) for t in ["a b c a b c", "hello hello", "x y z"]]
-    report = tune(
-        model,
-        tokenizer,
-        head,
-        prompts,
-        SamplingParams(temp=0.0),
+    report = tune_tiny(
+        tiny_model_dir,
+        head_dir,
+        ["a b c a b c", "hello hello", "x y z"],
+        0.0,
         widths=[1],
         lengths=[2],
         max_tokens=6,
@@ -110,17 +114,13 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
     tiny_model_dir,
     head_dir,
 ):
-    model, tokenizer = load(str(tiny_model_dir))
-    head = load_drafter(head_dir, model)
     texts = ["the cat sat on the mat, the cat sat on the", "a b c a b c a b", "hello hello"]
-    prompts = [chat_tokens(tokenizer, t) for t in texts]
     mx.random.seed(0)
-    report = tune(
-        model,
-        tokenizer,
-        head,
-        prompts,
-        SamplingParams(temp=0.0),
+    report = tune_tiny(
+        tiny_model_dir,
+        head_dir,
+        texts,
+        0.0,
         widths=[1, 2],
         lengths=[3],
         max_tokens=10,
@@ -153,17 +153,13 @@ def test_tune_covers_every_candidate_and_saves_the_confirmed_best(
 
 def test_tune_at_a_temperature_saves_the_sampling_profile(home, tiny_model_dir, head_dir):
     """Sampling (the head's chain sampled at W = 1) tunes and saves apart from greedy."""
-    model, tokenizer = load(str(tiny_model_dir))
-    head = load_drafter(head_dir, model)
-    prompts = [chat_tokens(tokenizer, t) for t in ["a b c a b c a b", "hello hello"]]
     mx.random.seed(0)
     sampling = profile.setup_key(str(tiny_model_dir), str(head_dir), True)
-    report = tune(
-        model,
-        tokenizer,
-        head,
-        prompts,
-        SamplingParams(temp=1.0),
+    report = tune_tiny(
+        tiny_model_dir,
+        head_dir,
+        ["a b c a b c a b", "hello hello"],
+        1.0,
         widths=[1],
         lengths=[2, 3],
         max_tokens=8,
