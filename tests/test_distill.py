@@ -517,6 +517,80 @@ def test_resume_refuses_different_parameters(tmp_path: Path, tiny_dir: Path) -> 
     assert more.sequences == 0
 
 
+def test_meta_names_model_and_prompts_by_hash_not_path(tmp_path: Path, tiny_dir: Path) -> None:
+    """Data made in one place resumes from another (model, prompts and data all moved)."""
+    import shutil
+
+    model, tok = _load(tiny_dir)
+    (tmp_path / "a").mkdir()
+    prompts = _write_prompts(tmp_path / "a" / "p.jsonl", 12)
+    first = tmp_path / "a" / "out"
+    distill(_config(prompts, first), model, tok, str(tiny_dir), progress=False, stop_after_shards=1)
+    meta = read_meta(first)
+    text = json.dumps({k: v for k, v in meta.items() if k != "prompts"})
+    assert str(tmp_path) not in text and "model_path" not in meta
+    assert meta["model_name"] == tiny_dir.name and len(meta["model_sha256"]) == 64
+    assert meta["model_dtype"] == "float32"
+
+    elsewhere = tmp_path / "b"
+    moved = Path(shutil.copytree(tiny_dir, elsewhere / "model"))
+    moved_prompts = elsewhere / "prompts.jsonl"
+    shutil.copy(prompts, moved_prompts)
+    out = elsewhere / "out"
+    shutil.copytree(first, out)
+    model2, tok2 = _load(moved)
+    more = distill(_config(moved_prompts, out), model2, tok2, str(moved), progress=False)
+    assert more.sequences == 12 - 5
+    assert DistillDataset(out).prompt_index.tolist() == list(range(12))
+    assert read_meta(out)["model_sha256"] == meta["model_sha256"]
+
+
+def test_resume_with_another_model_names_both(tmp_path: Path, tiny_dir: Path) -> None:
+    from mlx_redrafter.train.distill import weights_sha256
+
+    model, tok = _load(tiny_dir)
+    prompts = _write_prompts(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    distill(_config(prompts, out), model, tok, str(tiny_dir), progress=False)
+    other_dir = save_tiny_model_dir(tmp_path / "other-model", seed=7)
+    other, other_tok = _load(other_dir)
+    assert weights_sha256(other) != weights_sha256(model)
+    # same path, other weights: still refused (the hash decides, not the path)
+    with pytest.raises(ValueError) as err:
+        distill(_config(prompts, out), other, other_tok, str(tiny_dir), progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.count("weights sha256") == 2
+    assert weights_sha256(model)[:12] in message and weights_sha256(other)[:12] in message
+
+    proc = _cli(["--model", str(other_dir), "--prompts", str(prompts), "--out", str(out)])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert f"data has {tiny_dir.name} (float32" in stderr
+    assert f"run has {other_dir.name} (float32" in stderr
+
+
+def test_old_meta_with_paths_still_reads_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    from mlx_redrafter.train.data import write_meta
+
+    model, tok = _load(tiny_dir)
+    prompts = _write_prompts(tmp_path / "p.jsonl", 12)
+    out = tmp_path / "out"
+    distill(_config(prompts, out), model, tok, str(tiny_dir), progress=False, stop_after_shards=1)
+    meta = read_meta(out)
+    for key in ("model_name", "model_sha256", "model_dtype"):
+        del meta[key]
+    write_meta(out, {**meta, "model_path": str(tiny_dir)})  # as distill wrote it before
+    assert len(DistillDataset(out)) == 5
+
+    with pytest.raises(ValueError, match="model: data has '/"):
+        distill(_config(prompts, out), model, tok, str(tmp_path / "moved"), progress=False)
+    more = distill(_config(prompts, out), model, tok, str(tiny_dir), progress=False)
+    assert more.sequences == 7
+    assert read_meta(out)["model_sha256"]  # upgraded on resume
+    assert "model_path" not in read_meta(out)
+
+
 def test_block_order_is_random_blocks_each_shortest_first() -> None:
     rng = np.random.default_rng(5)
     ids = [list(range(int(n))) for n in rng.integers(1, 300, size=100)]
