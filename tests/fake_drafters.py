@@ -1,8 +1,10 @@
-"""Drafters used by engine tests: an oracle that knows the AR continuation, random beams."""
+"""Drafters used by engine tests: an oracle that knows the AR continuation, random beams,
+the target's most probable tokens."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
 
@@ -83,6 +85,58 @@ class RandomDrafter:
         rest = mx.random.randint(0, self.vocab_size, (width, length - 1), key=sub)
         roots = mx.broadcast_to(context.root.reshape(1, 1), (width, 1))
         return Draft(beams=mx.concatenate([roots, rest], axis=1).astype(mx.int32))
+
+    def accepted(self, tokens: list[int]) -> None:
+        pass
+
+
+def probable_beams(
+    probs, context: list[int], length: int, widths: tuple[int, int] = (3, 2)
+) -> list[list[int]]:
+    """Beams ``[root, a_i, b_ij, ...]`` whose tokens carry the target's probability.
+
+    ``a_i`` are the ``widths[0]`` most likely tokens after ``context`` (which ends with the
+    root), ``b_ij`` the ``widths[1]`` most likely after ``a_i``; later positions follow the
+    argmax. Every level of the tree has several siblings, each holding real mass, so the
+    exact walk's renormalisation and residual terms all change what it emits.
+
+    Args:
+        probs: ``context -> (V,)`` the target's sampling distribution after ``context``.
+        context: Host tokens, the root last.
+        length: Beam length ``L >= 3`` (root included).
+        widths: Siblings at the first and second drafted level.
+    """
+    beams = []
+    for a in np.argsort(-probs(context), kind="stable")[: widths[0]]:
+        for b in np.argsort(-probs([*context, int(a)]), kind="stable")[: widths[1]]:
+            beam = [context[-1], int(a), int(b)]
+            while len(beam) < length:
+                beam.append(int(np.argmax(probs(context + beam[1:]))))
+            beams.append(beam)
+    return beams
+
+
+class ProbableDrafter:
+    """A host drafter proposing :func:`probable_beams` from the target's own distribution
+    (lookup-like deterministic beams that are often, but not always, accepted)."""
+
+    stochastic = False
+    needs_host_tokens = True
+
+    def __init__(self, model, widths: tuple[int, int] = (3, 2)):
+        self.model = model
+        self.widths = widths
+
+    def reset(self, prompt_tokens: list[int]) -> None:
+        pass
+
+    def propose(self, context: DraftContext, width: int, length: int) -> Draft:
+        def probs(tokens: list[int]) -> np.ndarray:
+            logits = self.model(mx.array(tokens)[None])[0, -1]
+            return np.array(context.params.probs(logits))
+
+        beams = probable_beams(probs, list(context.tokens), length, self.widths)[:width]
+        return Draft(beams=mx.array(beams, dtype=mx.int32))
 
     def accepted(self, tokens: list[int]) -> None:
         pass

@@ -5,7 +5,13 @@ enumerated with plain forwards of a tiny target (vocabulary 32) after the user's
 transforms. The same two tokens are drawn 200,000 times through the real pipeline pieces
 (drafter beams -> pack -> tree forward -> acceptance walk, and a second step when the first
 accepts nothing). A chi-square goodness-of-fit test and the total-variation distance must
-accept the exact rule and reject ReDrafter's published rule (the test has power).
+accept the exact rule.
+
+Every tree stacks the head's beams with beams of the target's most probable tokens (three
+siblings after the root, two after each of them): every term of the walk changes what it
+emits there (the renormalisation by the rejected siblings' mass, the residual with the
+rejected children removed), so the very same test rejects ReDrafter's published rule and
+each bug planted in a copy of the walk (``tests/mutants.py``): the test has power.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from fake_drafters import ProbableDrafter, probable_beams
 from mlx.utils import tree_flatten, tree_unflatten
+from mutants import walk_mutant
 from scipy import stats
 from tiny_models import tiny_model
 
+from mlx_redrafter import accept
 from mlx_redrafter.accept import (
     accept_exact,
     accept_greedy,
@@ -58,12 +67,20 @@ class Setup:
         logits = self.model(mx.array(context)[None])[0, -1]
         return np.array(params.probs(logits))
 
-    def step(self, context: list[int], root: int, width: int, length: int, params):
-        """One speculative step's tree: ``(tree, logits (N, V), q (W, L-1, V))``."""
+    def step(self, context: list[int], root: int, width: int, length: int, params, probable=True):
+        """One speculative step's tree: ``(tree, logits (N, V), q (W, L-1, V))``.
+
+        ``probable``: the head's ``W`` beams are followed by :func:`probable_beams` (six
+        beams of the target's likeliest tokens; ``q`` then covers the head's beams only).
+        """
         cache = self.target.make_cache()
         _, hidden = self.target.forward(mx.array(context), cache)
         draft = _propose(self.drafter, hidden[-1], root, width, length)
-        tree = pack(np.array(draft.beams))
+        beams = np.array(draft.beams)
+        if probable:
+            extra = probable_beams(lambda c: self.next_probs(c, params), [*context, root], length)
+            beams = np.concatenate([beams, np.array(extra, dtype=beams.dtype)])
+        tree = pack(beams)
         logits, _ = self.target.tree_forward(tree, cache)
         return tree, logits, draft.draft_logprobs
 
@@ -93,14 +110,16 @@ def _emitted(tree, num: np.ndarray, last: np.ndarray, root_next: np.ndarray, k: 
     return out
 
 
-def _walk(rule: str, tree, logits, q, samples: int, params: SamplingParams):
-    """Run ``samples`` acceptance draws of ``rule`` on one tree -> (num, last, next_root)."""
+def _walk(rule: str, tree, logits, q, samples: int, params: SamplingParams, walk=exact_walk):
+    """Run ``samples`` acceptance draws of ``rule`` on one tree -> (num, last, next_root).
+
+    ``walk``: the exact rule's walk (a planted-bug copy in the power tests)."""
     tokens = mx.array(tree.tokens)
     if rule == "exact":
         uniforms, gumbel = exact_randomness(tree, VOCAB, samples)
         log_weights = params.log_weights(logits)
         children = mx.array(children_table(tree))
-        num, last, nxt = exact_walk(children, tokens, log_weights, uniforms, gumbel)
+        num, last, nxt = walk(children, tokens, log_weights, uniforms, gumbel)
     else:
         probs = params.probs(logits)
         width, length = tree.unpack.shape
@@ -114,18 +133,28 @@ def _walk(rule: str, tree, logits, q, samples: int, params: SamplingParams):
     return np.array(num), np.array(last), np.array(nxt)
 
 
-def sample_two_tokens(setup: Setup, rule: str, params, width: int, length: int, seed: int):
-    """``(S, 2)`` draws of the two tokens after the root, through the pipeline pieces."""
+def sample_two_tokens(
+    setup: Setup,
+    rule: str,
+    params,
+    width: int,
+    length: int,
+    seed: int,
+    probable: bool = True,
+    walk=exact_walk,
+):
+    """``(S, 2)`` draws of the two tokens after the root, through the pipeline pieces
+    (``probable``: with :func:`probable_beams` beside the head's; ``walk``: the exact walk)."""
     mx.random.seed(seed)
     root = int(np.argmax(setup.next_probs(PROMPT, params)))
-    tree, logits, q = setup.step(PROMPT, root, width, length, params)
-    num, last, nxt = _walk(rule, tree, logits, q, SAMPLES, params)
+    tree, logits, q = setup.step(PROMPT, root, width, length, params, probable)
+    num, last, nxt = _walk(rule, tree, logits, q, SAMPLES, params, walk)
     out = _emitted(tree, num, last, nxt, 2)
     # a step that accepted nothing emitted one token: the second comes from the next step
     for x1 in np.unique(out[out[:, 1] < 0, 0]):
         rows = np.nonzero((out[:, 1] < 0) & (out[:, 0] == x1))[0]
-        tree2, logits2, q2 = setup.step(PROMPT + [root], int(x1), width, length, params)
-        num2, last2, nxt2 = _walk(rule, tree2, logits2, q2, len(rows), params)
+        tree2, logits2, q2 = setup.step(PROMPT + [root], int(x1), width, length, params, probable)
+        num2, last2, nxt2 = _walk(rule, tree2, logits2, q2, len(rows), params, walk)
         out[rows, 1] = _emitted(tree2, num2, last2, nxt2, 1)[:, 0]
     return root, out
 
@@ -155,6 +184,18 @@ def goodness_of_fit(draws: np.ndarray, joint: np.ndarray) -> tuple[float, float,
     return float(p_value), float(tvd), impossible
 
 
+def tvd_bound(probs: np.ndarray, samples: int, trials: int = 200) -> float:
+    """A total-variation distance that ``samples`` exact draws from ``probs`` exceed with
+    negligible probability: the mean plus 6 standard deviations of the distance's law,
+    simulated with ``trials`` multinomial samples (a sum of many cells' deviations, close
+    to normal). It shrinks like ``1 / sqrt(samples)``, so a biased sampler fails it."""
+    p = probs.ravel().astype(np.float64)
+    p /= p.sum()
+    rng = np.random.default_rng(0)
+    tvds = 0.5 * np.abs(rng.multinomial(samples, p, size=trials) / samples - p).sum(axis=1)
+    return float(tvds.mean() + 6 * tvds.std())
+
+
 @pytest.fixture(scope="module")
 def setup() -> Setup:
     return Setup(seed=0)
@@ -166,10 +207,11 @@ def setup() -> Setup:
 def test_exact_rule_preserves_the_distribution(setup, name, shape):
     params = SETTINGS[name]
     root, draws = sample_two_tokens(setup, "exact", params, *shape, seed=1)
-    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert impossible == 0
     assert p_value > 1e-3, f"chi-square rejects the exact rule: p={p_value:.2e}, tvd={tvd:.4f}"
-    assert tvd < 0.02
+    assert tvd < tvd_bound(joint, len(draws))
 
 
 @pytest.mark.slow
@@ -177,27 +219,44 @@ def test_exact_rule_preserves_the_distribution(setup, name, shape):
 def test_redrafter_rule_fails_the_same_test(setup, name):
     """Power: ReDrafter's published rule is rejected by the very same test."""
     params = SETTINGS[name]
-    root, draws = sample_two_tokens(setup, "redrafter", params, 3, 3, seed=1)
+    # the rule needs the head's q for every beam: the head's tree alone
+    root, draws = sample_two_tokens(setup, "redrafter", params, 3, 3, seed=1, probable=False)
     p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
     assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
 
 
 @pytest.mark.slow
-def test_walk_without_the_residual_mask_fails_the_same_test(setup, monkeypatch):
-    """Power: drawing the stop node's token from ``p`` instead of the residual (the rejected
-    children left in) is rejected by the very same test."""
-    from mlx_redrafter import accept
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("shape", [(3, 3), (2, 4)])
+@pytest.mark.parametrize("bug", ["deterministic_ratio", "naive_residual"])
+def test_a_planted_bug_fails_the_same_test(setup, bug, shape, name):
+    """Power: the walk with ``p(c)`` in place of ``p(c) / (1 - rejected mass)``, or with the
+    stop node's token drawn from ``p`` (rejected children left in), fails every
+    parametrisation of the test above (same trees, sample size and seed)."""
+    params = SETTINGS[name]
+    broken = walk_mutant(bug)
+    root, draws = sample_two_tokens(setup, "exact", params, *shape, seed=1, walk=broken)
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
+    assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
 
-    masked = accept.residual_draw
 
-    def unmasked(log_weights, gumbel, rejected, live):
-        return masked(log_weights, gumbel, rejected, mx.zeros_like(live))
-
-    monkeypatch.setattr(accept, "residual_draw", unmasked)
+def test_the_trees_have_probable_siblings_at_every_level(setup):
+    """What gives the tests above their power: after the root, three drafted siblings carry
+    most of the target's mass, and two siblings carry real mass after each of them."""
     params = SETTINGS["plain"]
-    root, draws = sample_two_tokens(setup, "exact", params, 3, 3, seed=1)
-    p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
-    assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
+    root = int(np.argmax(setup.next_probs(PROMPT, params)))
+    tree, _, _ = setup.step(PROMPT, root, 3, 3, params)
+    table = children_table(tree)
+    kids = [int(tree.tokens[c]) for c in table[0] if c >= 0]
+    first = setup.next_probs(PROMPT + [root], params)
+    assert len(kids) >= 4 and first[kids].sum() > 0.5
+    assert np.sort(first[kids])[-2] > 0.1  # rejecting the first still leaves a likely second
+    for child in table[0]:
+        if child >= 0 and first[tree.tokens[child]] > 0.1:
+            grand = [int(tree.tokens[c]) for c in table[child] if c >= 0]
+            after = setup.next_probs(PROMPT + [root, int(tree.tokens[child])], params)
+            assert len(grand) >= 2 and np.sort(after[grand])[-2] > 0.02
 
 
 def test_log_weights_are_the_sampling_distribution():
@@ -223,11 +282,13 @@ def test_exact_walk_accepts_often_with_a_good_draft(setup):
     setup.target.forward(mx.array(PROMPT), cache)
     tree = pack(beams)
     logits, _ = setup.target.tree_forward(tree, cache)
-    num, _, _ = _walk("exact", tree, logits, None, 20_000, params)
+    mx.random.seed(4)
+    samples = 20_000
+    num, _, _ = _walk("exact", tree, logits, None, samples, params)
     p = setup.next_probs(context, params)
     # P(accept some child) = p(c1) + p(c2): the walk accepts exactly that often
     want = p[greedy[0]] + p[(greedy[0] + 1) % VOCAB]
-    assert abs(num.mean() - want) < 0.015
+    assert abs(num.mean() - want) < 5 * np.sqrt(want * (1 - want) / samples)
 
 
 def test_low_temperature_exact_equals_greedy():
@@ -252,7 +313,7 @@ def test_sampling_params_match_mlx_lm_sampler():
     """The distribution used by acceptance is the one mlx-lm's sampler draws from."""
     from mlx_lm.sample_utils import make_sampler
 
-    logits = mx.random.normal((1, VOCAB)) * 3
+    logits = mx.random.normal((1, VOCAB), key=mx.random.key(3)) * 3
     params = SamplingParams(temp=0.7, top_p=0.8, top_k=6)
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
     sampler = make_sampler(temp=0.7, top_p=0.8, top_k=6)
@@ -261,7 +322,11 @@ def test_sampling_params_match_mlx_lm_sampler():
     freq = np.bincount(draws, minlength=VOCAB) / len(draws)
     probs = np.array(params.probs(logits))[0]
     assert set(np.nonzero(freq)[0]) <= set(np.nonzero(probs > 0)[0])
-    assert 0.5 * np.abs(freq - probs).sum() < 0.03
+    live = probs > 0
+    counts = np.bincount(draws, minlength=VOCAB)[live]
+    expected = probs[live].astype(np.float64) / probs[live].astype(np.float64).sum()
+    assert stats.chisquare(counts, expected * counts.sum()).pvalue > 1e-3
+    assert 0.5 * np.abs(freq - probs).sum() < tvd_bound(probs, len(draws))
 
 
 def engine_tokens(
@@ -316,10 +381,35 @@ def test_seeded_determinism(setup):
     assert a == b and a != c
 
 
+def probable_drafter(setup: Setup):
+    """The setup's head (engine width) plus four :class:`ProbableDrafter` beams."""
+    from mlx_redrafter.drafters.combined import CombinedDrafter
+
+    return CombinedDrafter(setup.drafter, [(ProbableDrafter(setup.model), 4)])
+
+
+def engine_draws(setup: Setup, params: SamplingParams, seed: int, count: int = 1500):
+    """``(count, 2)`` first two tokens from ``stream_generate`` (head + probable beams)."""
+    drafter = probable_drafter(setup)
+    return np.array([engine_tokens(setup, seed + i, params, 2, drafter) for i in range(count)])
+
+
 @pytest.mark.slow
 def test_engine_first_tokens_follow_the_target(setup):
-    """End to end through ``stream_generate``: the first two tokens' joint law."""
+    """End to end through ``stream_generate``: the first two tokens' joint law (the second
+    from the first speculative step, over a tree whose siblings carry the target's mass)."""
     params = SETTINGS["plain"]
-    draws = np.array([engine_tokens(setup, 1000 + i, params, 2) for i in range(1500)])
-    p_value, _, _ = goodness_of_fit(draws, engine_joint(setup, params))
-    assert p_value > 1e-3
+    draws = engine_draws(setup, params, 1000)
+    p_value, tvd, _ = goodness_of_fit(draws, engine_joint(setup, params))
+    assert p_value > 1e-3, f"p={p_value:.2e} tvd={tvd:.4f}"
+
+
+@pytest.mark.slow
+def test_engine_with_a_planted_bug_fails_the_same_test(setup, monkeypatch):
+    """Power: the engine's walk testing each child with ``p(c)`` instead of
+    ``p(c) / (1 - rejected mass)`` fails the end-to-end test (same seeds, same draws)."""
+    monkeypatch.setattr(accept, "_compiled_walk", walk_mutant("deterministic_ratio"))
+    params = SETTINGS["plain"]
+    draws = engine_draws(setup, params, 1000)
+    p_value, tvd, _ = goodness_of_fit(draws, engine_joint(setup, params))
+    assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
