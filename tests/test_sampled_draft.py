@@ -7,6 +7,12 @@ beams as before, must keep the target's law. That law is checked as in
 drafts -> pack -> tree forward -> walk, against the enumerated joint. Each draw needs a
 fresh draft, so draws are grouped by the drafted chain: the chain counts are multinomial
 under ``q``, and every chain's tree is walked as many times as it was drawn.
+
+Beside the chain, every tree holds six deterministic beams of the target's likeliest tokens
+(``fake_drafters.probable_beams``: three siblings after the root, two after each), so after
+the sampled child's rejection several siblings are tested against ``max(0, p - q)`` and the
+renormalisation by their mass matters; each bug planted in a copy of the walk
+(``tests/mutants.py``) fails the very same test.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from fake_drafters import ProbableDrafter, probable_beams
+from mutants import walk_mutant
 from scipy import stats
 from test_exact_sampling import (
     PROMPT,
@@ -26,6 +34,7 @@ from test_exact_sampling import (
     engine_tokens,
     exact_joint,
     goodness_of_fit,
+    tvd_bound,
 )
 
 from mlx_redrafter import accept
@@ -162,22 +171,22 @@ def _tree_log_weights(setup: Setup, params, beams: np.ndarray):
     return tree, params.log_weights(logits)
 
 
-def sample_with_sampled_chain(setup: Setup, params, lookup: bool, seed: int):
-    """``(root, (S, 2))``: the two tokens after the root, each draw with its own chain."""
+def sample_with_sampled_chain(setup: Setup, params, seed: int, walk=exact_walk):
+    """``(root, (S, 2))``: the two tokens after the root, each draw with its own chain
+    beside the :func:`probable_beams` (``walk``: the exact walk or a planted-bug copy)."""
     rng = np.random.default_rng(seed)
     mx.random.seed(seed)
     root = int(np.argmax(setup.next_probs(PROMPT, params)))
-    ranked = np.argsort(-setup.next_probs(PROMPT + [root], params))
-    a = int(ranked[0])  # the target's favourite: often equal to the sampled x1 (merged)
-    b = int(np.argmax(setup.next_probs(PROMPT + [root, a], params)))
+    # the target's favourites: often equal to the sampled x1 (merged with it)
+    lookup = probable_beams(lambda c: setup.next_probs(c, params), PROMPT + [root], LENGTH)
     outs = []
     for (x1, x2), (count, log_q) in _chains(setup, params, root, rng).items():
-        beams = [[root, x1, x2]] + ([[root, a, b]] if lookup else [])
+        beams = [[root, x1, x2], *lookup]
         tree, log_weights = _tree_log_weights(setup, params, np.array(beams))
         table = children_table(tree)
         uniforms, gumbel = exact_randomness(tree, VOCAB, count, children=table)
         rows = accept.sampled_rows(tree, log_q)
-        num, last, nxt = exact_walk(
+        num, last, nxt = walk(
             mx.array(table), mx.array(tree.tokens), log_weights, uniforms, gumbel, log_q[:rows]
         )
         mx.eval(num, last, nxt)
@@ -194,36 +203,34 @@ def sample_with_sampled_chain(setup: Setup, params, lookup: bool, seed: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SETTINGS))
-@pytest.mark.parametrize("lookup", [False, True], ids=["chain", "chain+lookup"])
-def test_sampled_chain_walk_preserves_the_distribution(setup, name, lookup):
+def test_sampled_chain_walk_preserves_the_distribution(setup, name):
     params = SETTINGS[name]
-    root, draws = sample_with_sampled_chain(setup, params, lookup, seed=1)
-    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    root, draws = sample_with_sampled_chain(setup, params, seed=1)
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert impossible == 0
     assert p_value > 1e-3, f"p={p_value:.2e}, tvd={tvd:.4f}"
-    assert tvd < 0.02
+    assert tvd < tvd_bound(joint, len(draws))
 
 
 @pytest.mark.slow
-def test_drawing_from_p_after_a_sampled_rejection_fails_the_same_test(setup, monkeypatch):
-    """Power: after rejecting the sampled child, drawing from ``p`` (rejected children
-    removed) instead of ``max(0, p - q)`` is rejected by the very same test."""
-    monkeypatch.setattr(accept, "sampled_residual", lambda p, q: p)
-    params = SETTINGS["plain"]
-    root, draws = sample_with_sampled_chain(setup, params, lookup=True, seed=1)
-    p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
-    assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
-
-
-@pytest.mark.slow
-def test_point_mass_test_of_the_sampled_child_fails_the_same_test(setup, monkeypatch):
-    """Power: testing the sampled child like a deterministic one (``u < p`` with the
-    ``max(0, p - q)`` residual) is rejected too: the two halves belong together."""
-    monkeypatch.setattr(accept, "sampled_acceptance", lambda p, q: p)
-    params = SETTINGS["plain"]
-    root, draws = sample_with_sampled_chain(setup, params, lookup=False, seed=2)
-    p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
-    assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize(
+    "bug",
+    [
+        "sampled_branch_mass",  # siblings after the sampled child's rejection not renormalised
+        "sampled_residual_is_p",  # after that rejection, the law left taken as p
+        "sampled_child_point_mass",  # the sampled child tested with u < p, not u < p / q
+        "naive_residual",  # the stop node's draw with the rejected children left in
+    ],
+)
+def test_a_planted_bug_fails_the_same_test(setup, bug, name):
+    """Power: each planted bug fails every parametrisation of the test above (same trees,
+    sample size and seed)."""
+    params = SETTINGS[name]
+    root, draws = sample_with_sampled_chain(setup, params, seed=1, walk=walk_mutant(bug))
+    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
 
 
 # ----------------------------------------------------------------------------- engine
@@ -261,13 +268,13 @@ def test_engine_uses_the_proposal_and_is_seeded(setup, monkeypatch):
 
 @pytest.mark.slow
 def test_engine_first_tokens_follow_the_target(setup):
-    """End to end through ``stream_generate`` with the sampled head + lookup: the first
-    two tokens' joint law (the second from the first speculative step)."""
+    """End to end through ``stream_generate`` with the sampled head + four probable beams:
+    the first two tokens' joint law (the second from the first speculative step)."""
     params = SETTINGS["plain"]
-    drafter = _with_lookup(setup)
+    drafter = CombinedDrafter(_sampling_drafter(setup), [(ProbableDrafter(setup.model), 4)])
     draws = np.array([_engine_tokens(setup, drafter, 2000 + i, params, 2) for i in range(1500)])
-    p_value, _, _ = goodness_of_fit(draws, engine_joint(setup, params))
-    assert p_value > 1e-3
+    p_value, tvd, _ = goodness_of_fit(draws, engine_joint(setup, params))
+    assert p_value > 1e-3, f"p={p_value:.2e} tvd={tvd:.4f}"
 
 
 # ----------------------------------------------------------------------------- evaluation
