@@ -1,8 +1,10 @@
 """A draft head and prompt lookup in one tree: stacking, the engine's complete hook, lossless.
 
 Exactness of the combined tree is the exact walk's (it verifies any candidate tree). The
-statistical test has teeth: the tempting alternative, verifying each drafter's beams on
-their own and keeping the longest accepted run, fails the very same test.
+lookup member proposes six beams of the target's likeliest tokens, so siblings from both
+members carry mass. The statistical test has teeth: the tempting alternative, verifying
+each drafter's beams on their own and keeping the longest accepted run, and each bug
+planted in a copy of the walk (``tests/mutants.py``) fail the very same test.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from engine_walks import assert_engine_follows_walks
+from fake_drafters import OracleDrafter, probable_beams
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mutants import walk_mutant
 from test_exact_sampling import (
     PROMPT,
     SAMPLES,
@@ -21,6 +25,7 @@ from test_exact_sampling import (
     _emitted,
     exact_joint,
     goodness_of_fit,
+    tvd_bound,
 )
 from test_prompt_lookup import _tokens
 from tiny_models import byte_tokenizer, tiny_model
@@ -215,41 +220,39 @@ def _tree_weights(setup: Setup, params, beams: np.ndarray):
     return tree, params.log_weights(logits)
 
 
-def _combined_beams(setup: Setup, params, root: int) -> np.ndarray:
-    """Head beams (W=2, L=3) + one lookup beam after ``PROMPT + [root]``, stacked ``(3, 3)``.
+LOOKUP_WIDTH = 6
 
-    The lookup beam starts with the target's second most likely token, one the head's
-    beams do not start with, so it matters which tree accepts it.
+
+def _combined_beams(setup: Setup, params, root: int) -> np.ndarray:
+    """Head beams (W=2, L=3) + six lookup-like beams after ``PROMPT + [root]``, stacked
+    ``(8, 3)``: the target's three likeliest tokens, each with its two likeliest successors
+    (:func:`probable_beams`), so it matters which member's beams the walk accepts.
     """
     _, hidden = _prompt_state(setup)
     context = DraftContext(
         hidden, mx.array(root, dtype=mx.int32), mx.array(len(PROMPT)), PROMPT + [root]
     )
-    head_first = set(np.array(setup.drafter.propose(context, 2, 3).beams)[:, 1].tolist())
-    ranked = np.argsort(-setup.next_probs(PROMPT + [root], params))
-    other = int(next(t for t in ranked if int(t) not in head_first))
-    after = int(np.argmax(setup.next_probs(PROMPT + [root, other], params)))
-    lookup = FixedDrafter([[root, other, after]], needs_host_tokens=True)
-    combined = CombinedDrafter(setup.drafter, [(lookup, 1)])
+    rows = probable_beams(lambda c: setup.next_probs(c, params), PROMPT + [root], 3)
+    lookup = FixedDrafter(rows, needs_host_tokens=True)
+    combined = CombinedDrafter(setup.drafter, [(lookup, LOOKUP_WIDTH)])
     draft = combined.complete(combined.propose(context, 2, 3), context, 2, 3)
     return np.array(draft.beams)
 
 
-def _walk_tree(tree, log_weights, samples: int):
+def _walk_tree(tree, log_weights, samples: int, walk=exact_walk):
     uniforms, gumbel = exact_randomness(tree, VOCAB, samples)
     tokens = mx.array(tree.tokens)
-    num, last, nxt = exact_walk(
-        mx.array(children_table(tree)), tokens, log_weights, uniforms, gumbel
-    )
+    num, last, nxt = walk(mx.array(children_table(tree)), tokens, log_weights, uniforms, gumbel)
     mx.eval(num, last, nxt)
     return np.array(num), np.array(last), np.array(nxt)
 
 
-def _two_tokens(setup: Setup, params, per_member: bool) -> tuple[int, np.ndarray]:
+def _two_tokens(setup: Setup, params, per_member: bool, walk=exact_walk) -> tuple[int, np.ndarray]:
     """``(S, 2)`` draws of the two tokens after the root through the combined tree.
 
     ``per_member``: the wrong rule, each drafter's beams walked on their own (independent
-    randomness) and the longest accepted run kept.
+    randomness) and the longest accepted run kept. ``walk``: the exact walk (or a copy with
+    a planted bug).
     """
     mx.random.seed(3)
     root = int(np.argmax(setup.next_probs(PROMPT, params)))
@@ -258,7 +261,7 @@ def _two_tokens(setup: Setup, params, per_member: bool) -> tuple[int, np.ndarray
     outs, nums = [], []
     for rows in parts:
         tree, log_weights = _tree_weights(setup, params, rows)
-        num, last, nxt = _walk_tree(tree, log_weights, SAMPLES)
+        num, last, nxt = _walk_tree(tree, log_weights, SAMPLES, walk)
         outs.append(_emitted(tree, num, last, nxt, 2))
         nums.append(num)
     out = outs[0]
@@ -283,10 +286,11 @@ def setup() -> Setup:
 def test_combined_tree_preserves_the_distribution(setup, name):
     params = SETTINGS[name]
     root, draws = _two_tokens(setup, params, per_member=False)
-    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert impossible == 0
     assert p_value > 1e-3, f"p={p_value:.2e}, tvd={tvd:.4f}"
-    assert tvd < 0.02
+    assert tvd < tvd_bound(joint, len(draws))
 
 
 @pytest.mark.slow
@@ -296,6 +300,18 @@ def test_longest_of_separate_walks_fails_the_same_test(setup):
     root, draws = _two_tokens(setup, params, per_member=True)
     p_value, tvd, _ = goodness_of_fit(draws, exact_joint(setup, params, root))
     assert p_value < 1e-3, f"p={p_value:.3f} tvd={tvd:.4f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("bug", ["deterministic_ratio", "naive_residual"])
+def test_a_planted_bug_fails_the_same_test(setup, bug, name):
+    """Power: the combined tree's walk without the renormalisation by rejected siblings, or
+    with the rejected children left in the stop node's draw, fails the test above."""
+    params = SETTINGS[name]
+    root, draws = _two_tokens(setup, params, per_member=False, walk=walk_mutant(bug))
+    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -340,9 +356,18 @@ def test_parallel_head_plus_lookup_keeps_its_hidden_window(tokenizer):
     vocab = len(tokenizer._tokenizer)
     model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
     head = ParallelDrafter.from_model(model, random_head(vocab, k=3, context=4, seed=1))
-    combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1)])
-    assert combined.hidden_window == 4
-    for prompt in _prompts(5, vocab, 2):
+    accepted = []
+    for i, prompt in enumerate(_prompts(5, vocab, 2)):
         ar = _tokens(model, tokenizer, prompt, 40)
-        spec = _tokens(model, tokenizer, prompt, 40, drafter=combined, beam_width=2, beam_length=4)
+        # an oracle member makes long accepted blocks: the window advances by several rows
+        oracle = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3)
+        combined = CombinedDrafter(head, [(PromptLookupDrafter(ngram=3), 1), (oracle, 1)])
+        assert combined.hidden_window == 4
+        stats = gen.StepStats()
+        spec = _tokens(
+            model, tokenizer, prompt, 40, drafter=combined, beam_width=2, beam_length=4,
+            stats=stats,
+        )  # fmt: skip
         assert spec == ar
+        accepted += stats.accepted
+    assert max(accepted) == 3 and sum(accepted) >= 20, accepted
