@@ -2,7 +2,9 @@
 
 ``distill`` (:mod:`mlx_redrafter.train.distill`) generates self-distillation data with the
 target; ``fit`` (:mod:`mlx_redrafter.train.fit`) trains a head on it; ``evaluate``
-(:mod:`mlx_redrafter.train.score`) scores a head on distilled evaluation prompts. Each sub-command's
+(:mod:`mlx_redrafter.train.score`) scores a head on distilled evaluation prompts; ``pack`` and
+``unpack`` (:mod:`mlx_redrafter.train.pack`) store a data directory without its prompt ids
+and rebuild it from the prompts file. Each sub-command's
 module is imported only when the parser is built, and a ``fit`` that cannot be imported
 leaves ``distill`` working (``fit`` then reports why it is unavailable).
 """
@@ -19,7 +21,13 @@ from functools import partial
 
 EXIT_ERROR = 2
 #: sub-command -> module of :mod:`mlx_redrafter.train` that implements it
-COMMANDS = {"distill": "distill", "fit": "fit", "evaluate": "score"}
+COMMANDS = {
+    "distill": "distill",
+    "fit": "fit",
+    "evaluate": "score",
+    "pack": "pack",
+    "unpack": "unpack",
+}
 
 
 def _unavailable(name: str, reason: str, args: argparse.Namespace) -> int:

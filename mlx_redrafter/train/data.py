@@ -30,11 +30,20 @@ shard either exists whole or not at all; ``meta.json`` is replaced the same way.
 finished sequences is read from the shards themselves (``meta.json`` only summarises), so
 a run killed at any moment resumes without duplicates or holes.
 
-``meta.json`` fields: ``format`` (``"mlx-redrafter-distill"``), ``version`` (1), ``model``,
-``prompts`` (path) and ``prompts_sha256``, ``params`` (``max_new_tokens``,
-``temperature``, ``seed``, ``samples_per_prompt``, ``chat_template``), ``eos_token_ids``,
-``vocab_size``, ``progress`` (``sequences``, ``generated_tokens``, ``prompt_tokens``,
-``shards``, ``requested``, ``skipped_prompts``, ``complete``) and ``updated`` (UTC time).
+``meta.json`` fields: ``format`` (``"mlx-redrafter-distill"``), ``version`` (1), ``model``
+(the ``--model`` given, or ``"default"``; what ``fit`` and ``evaluate`` load when not told),
+``model_name``, ``model_sha256`` and ``model_dtype`` (the model independently of the
+machine: a hash of its weights, see :func:`mlx_redrafter.train.distill.weights_sha256`),
+``prompts`` (the path it was made from, informational) and ``prompts_sha256`` (of the
+file's bytes), ``params`` (``max_new_tokens``, ``temperature``, ``seed``,
+``samples_per_prompt``, ``chat_template``), ``eos_token_ids``, ``vocab_size``, ``progress``
+(``sequences``, ``generated_tokens``, ``prompt_tokens``, ``shards``, ``requested``,
+``skipped_prompts``, ``complete``) and ``updated`` (UTC time). Resuming compares the hashes,
+never paths. Files written before the weights hash existed have ``model_path`` instead of
+the three ``model_*`` fields; they read as before.
+
+:mod:`mlx_redrafter.train.pack` stores a data directory without its prompt ids (response
+ids, prompt indices and checksums, compressed) and rebuilds it from the prompts file.
 
 Reading: :class:`DistillDataset` loads every shard and orders sequences by
 ``(prompt_index, sample_index)``; its :meth:`~DistillDataset.train` and
