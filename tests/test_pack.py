@@ -30,7 +30,7 @@ from mlx_redrafter.train.pack import (
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-COMMITTED = Path(__file__).resolve().parents[1] / "data" / "distilled"
+COMMITTED = Path(__file__).resolve().parents[1] / "distilled"
 
 
 @pytest.fixture(scope="module")
