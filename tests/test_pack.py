@@ -213,6 +213,7 @@ def test_pack_of_old_meta_needs_the_model(made, tmp_path: Path, capsys) -> None:
         read_packed(tmp_path / "p3").meta["model_sha256"] == read_meta(made["data"])["model_sha256"]
     )
     assert "model_path" not in read_packed(tmp_path / "p3").meta
+    assert read_packed(tmp_path / "p3").meta["model"] == "model"  # no path of this machine
 
 
 def test_bad_input_is_one_error_line(made, tmp_path: Path, capsys) -> None:

@@ -180,6 +180,8 @@ def pack(data_dir: str | Path, identity: dict | None = None) -> Packed:
     arrays["response_ids"] = ids.astype(np.uint16 if top < 1 << 16 else np.uint32)
     packed_meta = {k: v for k, v in meta.items() if k not in MACHINE_FIELDS}
     packed_meta.update(identity)
+    if packed_meta.get("model") not in (None, "default"):  # a path of the machine
+        packed_meta["model"] = identity["model_name"]
     if meta.get("prompts"):
         packed_meta["prompts"] = Path(str(meta["prompts"])).name
     packed_meta["packed"] = {
