@@ -46,12 +46,12 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_speculative_equals_ar(arch, tokenizer):
+def test_greedy_speculative_equals_ar(arch, tokenizer, monkeypatch):
     vocab = len(tokenizer._tokenizer)
     model = tiny_model(arch, seed=3, scale=2.0, vocab_size=vocab)
-    tokenizer.eos_token_ids = {10**6}  # no EOS: run the full length
+    monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})  # no EOS: run the full length
     total_accepted = 0
-    for i, prompt in enumerate(_prompts(hash(arch) % 1000, vocab)):
+    for i, prompt in enumerate(_prompts(ARCHS.index(arch), vocab)):
         ar = _tokens(model, tokenizer, prompt, NUM_TOKENS)
         assert len(ar) == NUM_TOKENS
         oracle = OracleDrafter(prompt + ar, vocab, seed=i, wrong_every=3)
@@ -94,7 +94,7 @@ def test_cache_moves_only_paths_that_leave_the_first_beam(tokenizer, monkeypatch
     equals AR either way."""
     vocab = len(tokenizer._tokenizer)
     model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
-    tokenizer.eos_token_ids = {10**6}
+    monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})
     moved: list[int] = []
     real = gen.gather_path
 
@@ -134,33 +134,37 @@ def _first_diff(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_eos_and_max_tokens_inside_accepted_blocks(arch, tokenizer):
+def test_eos_and_max_tokens_inside_accepted_blocks(arch, tokenizer, monkeypatch):
+    """The output ends where AR's does when EOS or ``max_tokens`` falls on an accepted
+    drafted token (the rest of that step's block, its own token at least, is dropped)."""
     vocab = len(tokenizer._tokenizer)
     model = tiny_model(arch, seed=5, scale=2.0, vocab_size=vocab)
-    hits_inside = 0
+    inside = {"stop": 0, "length": 0}  # runs ended on an accepted draft, by EOS / max_tokens
     for i, prompt in enumerate(_prompts(11, vocab)[:10]):
-        tokenizer.eos_token_ids = {10**6}
+        monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})  # restored after the test
         ar_full = _tokens(model, tokenizer, prompt, 80)
         # an EOS id that AR emits somewhere in the middle of its output
         eos = ar_full[20 + i]
-        tokenizer.eos_token_ids = {eos}
-        for max_tokens in (7, 33, 80):
+        monkeypatch.setattr(tokenizer, "eos_token_ids", {eos})
+        # with L = 6 and full acceptance, token 6k is a step's own token: 5 and 16 are not
+        for max_tokens in (5, 16, 80):
             ar = _tokens(model, tokenizer, prompt, max_tokens)
-            stats = gen.StepStats()
-            spec = _tokens(
-                model,
-                tokenizer,
-                prompt,
-                max_tokens,
-                stats=stats,
-                drafter=OracleDrafter(prompt + ar_full, vocab, seed=i),
-                beam_width=2,
-                beam_length=6,
+            responses = list(
+                gen.stream_generate(
+                    model,
+                    tokenizer,
+                    prompt,
+                    max_tokens=max_tokens,
+                    drafter=OracleDrafter(prompt + ar_full, vocab, seed=i),
+                    beam_width=2,
+                    beam_length=6,
+                )
             )
-            assert spec == ar
-            hits_inside += max(stats.accepted, default=0) >= 2
-    tokenizer.eos_token_ids = {10**6}
-    assert hits_inside > 0
+            assert [r.token for r in responses] == ar
+            last = responses[-1]
+            assert last.finish_reason == ("stop" if ar[-1] == eos else "length")
+            inside[last.finish_reason] += last.from_draft
+    assert inside["stop"] >= 3 and inside["length"] >= 3, inside
 
 
 _ORIGINAL_BUILD = target_module._TreeLayout.build.__func__
@@ -186,7 +190,7 @@ def test_the_check_has_teeth(broken, tokenizer, monkeypatch):
     """The same comparison fails with one wrong mask entry, or positions off by one."""
     vocab = len(tokenizer._tokenizer)
     model = tiny_model("llama", seed=3, scale=2.0, vocab_size=vocab)
-    tokenizer.eos_token_ids = {10**6}
+    monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})
     prompts = _prompts(5, vocab)[:6]
     expected = [_tokens(model, tokenizer, p, 60) for p in prompts]
     monkeypatch.setattr(target_module._TreeLayout, "build", classmethod(broken))
