@@ -12,7 +12,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from test_tli import TEXTS, canonical_prefix, permuted_tokenizer, transplant
+from mutants import walk_mutant
+from test_tli import (
+    ENGINE_PARAMS,
+    TEXTS,
+    canonical_prefix,
+    engine_pairs,
+    pair_law,
+    permuted_tokenizer,
+    transplant,
+)
 from tiny_models import byte_tokenizer, tiny_model
 
 from mlx_redrafter import engine as gen
@@ -160,6 +169,33 @@ def test_slem_accepts_everything_while_the_text_is_canonical(arch, seed, target_
                 checked += 1
             emitted += num + 1
     assert checked >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [False, True], ids=["exact_walk", "naive_residual"])
+def test_slem_sampling_keeps_the_target_law(broken, target_tok, monkeypatch):
+    """Through the engine, SLEM's drafted chain (the transplanted draft's greedy text,
+    often the target's likeliest token) keeps the law of the first two tokens; the walk
+    drawing the stop node's token with the rejected child left in fails the same test."""
+    from test_exact_sampling import goodness_of_fit
+
+    from mlx_redrafter import accept
+
+    draft_tok = permuted_tokenizer(target_tok)
+    size = len(target_tok._tokenizer)
+    target = tiny_model("llama", seed=5, scale=2.0, vocab_size=size)
+    vmap = token_intersection(target_tok, draft_tok, size, size)
+    drafter = SlemDrafter(transplant(target, "llama", vmap, size, seed=4), target_tok, draft_tok)
+    if broken:
+        monkeypatch.setattr(accept, "_compiled_walk", walk_mutant("naive_residual"))
+    prompt = target_tok.encode(TEXTS[3])  # its likely first tokens re-encode canonically
+    draws, from_draft = engine_pairs(target, target_tok, prompt, drafter, ENGINE_PARAMS, 600, 200)
+    p_value, tvd, impossible = goodness_of_fit(draws, pair_law(target, prompt, ENGINE_PARAMS))
+    assert from_draft > 60  # the drafted first token is often accepted
+    if broken:
+        assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
+    else:
+        assert impossible == 0 and p_value > 1e-3, f"p={p_value:.2e} tvd={tvd:.4f}"
 
 
 def test_slem_checks_width(target_tok):
