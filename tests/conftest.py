@@ -30,3 +30,30 @@ def head_dir(tmp_path_factory, tiny_model_dir) -> Path:
     mx.random.seed(0)
     head = ReDrafterHead(ReDrafterConfig(cfg["vocab_size"], cfg["hidden_size"], 96, 1))
     return save_drafter(head, tmp_path_factory.mktemp("head"))
+
+
+_NETWORK_MARKERS = ("real_model",)
+_network_reports: list = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Collect the outcome of real-model / network tests for the summary line."""
+    if not any(m in report.keywords for m in _NETWORK_MARKERS):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _network_reports.append(report)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line saying which real-model tests ran, so a green run without them shows."""
+    if not _network_reports:
+        return
+    ran = [r.nodeid for r in _network_reports if r.outcome == "passed"]
+    skipped = [r for r in _network_reports if r.outcome == "skipped"]
+    failed = [r.nodeid for r in _network_reports if r.outcome == "failed"]
+    terminalreporter.write_line(
+        f"real-model tests: {len(ran)} passed, {len(skipped)} skipped, {len(failed)} failed"
+    )
+    for report in skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        terminalreporter.write_line(f"  skipped {report.nodeid}: {str(reason)[:160]}")

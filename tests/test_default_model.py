@@ -197,7 +197,14 @@ REAL_TEXTS = [
 
 @pytest.fixture(scope="module")
 def real_dir() -> Path:
-    return dm.default_model_path("float32")
+    """The imported default model; the tests using it skip, naming the reason, when the
+    package registry cannot be reached (any other failure is an error)."""
+    try:
+        return dm.default_model_path("float32")
+    except dm.DefaultModelError as e:
+        if "could not download" not in str(e):
+            raise
+        pytest.skip(f"default model not available (registry unreachable?): {e}")
 
 
 @pytest.fixture(scope="module")
