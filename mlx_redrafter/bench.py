@@ -21,6 +21,7 @@ and saves a profile that ``generate`` uses by default.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, with_lookup
 from mlx_redrafter.drafters import (
+    EagleDrafter,
     ParallelDrafter,
     PromptLookupDrafter,
     ReDrafter,
@@ -388,6 +390,8 @@ def head_label(head, spec: str, several: bool) -> str:
     """Method-name label of a head: its kind, and its directory name when the run has
     ``several`` heads (``ReDrafter (head-a)``)."""
     kind = "ParallelSpec" if isinstance(head, ParallelDrafter) else "ReDrafter"
+    if isinstance(head, EagleDrafter):
+        kind = "EAGLE"
     return f"{kind} ({Path(spec).name or spec})" if several else kind
 
 
@@ -402,28 +406,30 @@ def head_methods(
     if not isinstance(head, ReDrafter):
         samples = [True]  # only a ReDrafter head samples its chain
     methods: list[Method] = []
-    for lookup in args.lookup_beams:
-        for rule in rules:
-            if lookup and rule == "redrafter":
-                continue  # the ReDrafter rule needs the head's own log-probabilities
-            drafter = with_lookup(head, lookup, args.ngram)
-            name = f"{label} + lookup {lookup}" if lookup else label
-            for width in args.beam_width:
-                for length in args.beam_length:
-                    for sample in samples if rule == "exact" and width == 1 else [True]:
-                        methods.append(
-                            Ours(
-                                model,
-                                tokenizer,
-                                params,
-                                drafter,
-                                width,
-                                length,
-                                rule,
-                                label=name,
-                                sample=sample,
-                            )
+    trees = args.tree_nodes if isinstance(head, EagleDrafter) else [0]
+    for lookup, rule, nodes in itertools.product(args.lookup_beams, rules, trees):
+        if lookup and rule == "redrafter":
+            continue  # the ReDrafter rule needs the head's own log-probabilities
+        tree_head = head.with_tree(nodes) if nodes else head
+        drafter = with_lookup(tree_head, lookup, args.ngram)
+        name = f"{label} N{nodes}" if nodes else label
+        name = f"{name} + lookup {lookup}" if lookup else name
+        for width in args.beam_width:
+            for length in args.beam_length:
+                for sample in samples if rule == "exact" and width == 1 else [True]:
+                    methods.append(
+                        Ours(
+                            model,
+                            tokenizer,
+                            params,
+                            drafter,
+                            width,
+                            length,
+                            rule,
+                            label=name,
+                            sample=sample,
                         )
+                    )
     return methods
 
 
@@ -454,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--beam-length", type=parse_ints, default=[3, 4, 5])
     p.add_argument("--acceptance", choices=["exact", "redrafter", "both"], default="exact")
+    p.add_argument(
+        "--tree-nodes",
+        type=parse_ints,
+        default=[0],
+        help="EAGLE heads: dynamic trees of N nodes, W children per node (0 = beams)",
+    )
     p.add_argument(
         "--sampled-draft",
         choices=["on", "off", "both"],

@@ -198,18 +198,19 @@ def prefill(
 ) -> tuple[mx.array, mx.array]:
     """Prompt pass: the first generated token ``()`` and the last hidden states ``(n, d)``.
 
-    ``n = 1`` for ``window = 1``; otherwise up to ``window`` rows: the last prompt
-    position's state after those of the last prefill chunk (oldest first).
+    ``n = 1`` for ``window = 1``; otherwise up to ``window`` rows, oldest first, ending with
+    the last prompt position's state (``window >= len(prompt)``: every prompt position).
     """
     prompt_arr = mx.array(prompt, dtype=mx.int32)
     tail: list[mx.array] = []
     for start in range(0, len(prompt) - 1, PREFILL_STEP):
         chunk = prompt_arr[start : min(start + PREFILL_STEP, len(prompt) - 1)]
         _, hidden = target.forward(chunk, cache)
-        tail = [hidden[-(window - 1) :]] if window > 1 else []
+        tail = [mx.concatenate([*tail, hidden])[-(window - 1) :]] if window > 1 else []
         mx.eval([c.state for c in cache], *tail)
     logits, hidden = target.forward(prompt_arr[-1:], cache)
-    return params.sample(logits[-1]).astype(mx.int32), mx.concatenate([*tail, hidden[-1:]])
+    recent = mx.concatenate([*tail, hidden[-1:]])
+    return params.sample(logits[-1]).astype(mx.int32), recent[-window:]
 
 
 def speculative_tokens(
@@ -243,9 +244,16 @@ def speculative_tokens(
     cache = target.make_cache()
     tokens = list(prompt)
     window_size = int(getattr(drafter, "hidden_window", 1))
-    root, recent = prefill(target, prompt, cache, params, window_size)
+    primes = callable(getattr(drafter, "prime", None))
+    root, recent = prefill(target, prompt, cache, params, len(prompt) if primes else window_size)
     hidden = recent[-1]
-    window = HiddenWindow.start(recent, window_size) if window_size > 1 else None
+    # the token after each prompt position: the prompt shifted by one, then the root
+    after = mx.concatenate([mx.array(prompt[1:], dtype=mx.int32), root[None]])
+    if primes:
+        drafter.prime(recent, after)
+    window = None
+    if window_size > 1:
+        window = HiddenWindow.start(recent[-window_size:], window_size, after[-window_size:])
     mx.eval(root)
     tokens.append(int(root.item()))
     yield tokens[-1], False
@@ -269,7 +277,9 @@ def speculative_tokens(
         tic = stats.lap("accept", tic, result.num_accepted, result.next_root)
         hidden, root = tree_hidden[result.last_node], result.next_root
         if window is not None:
-            window = window.advance(tree_hidden[result.path], result.num_accepted)
+            window = window.advance(
+                tree_hidden[result.path], result.num_accepted, _path_next(result)
+            )
         position = num_cached + 1 + result.num_accepted
         draft = None
         if pipelined:
@@ -299,6 +309,14 @@ def speculative_tokens(
             yield token, i < num
 
 
+def _path_next(result: Acceptance) -> mx.array:
+    """``(P,)`` the token after each node of the chosen path: the next drafted token, and
+    the new root after the last accepted one (later entries are never read)."""
+    following = mx.concatenate([result.drafted, result.next_root[None]])
+    at_root = mx.arange(following.shape[0]) == result.num_accepted
+    return mx.where(at_root, result.next_root, following)
+
+
 def _context(
     hidden: mx.array,
     root: mx.array,
@@ -310,15 +328,17 @@ def _context(
     """The :class:`DraftContext` of a proposal (with the recent hidden states if kept)."""
     if window is None:
         return DraftContext(hidden, root, position, tokens, params)
-    return DraftContext(hidden, root, position, tokens, params, window.rows, window.count)
+    return DraftContext(
+        hidden, root, position, tokens, params, window.rows, window.count, window.tokens
+    )
 
 
 def _draft_arrays(draft: Draft | None) -> list[mx.array]:
     """The arrays of a (lazy) draft evaluated in the step's sync: beams, the valid mask
-    (the host reads both) and a sampled beam's proposal."""
+    (the host reads both), a sampled beam's proposal and the drafter's state."""
     if draft is None:
         return []
-    return [a for a in (draft.beams, draft.valid, draft.proposal) if a is not None]
+    return [a for a in (draft.beams, draft.valid, draft.proposal, *draft.state) if a is not None]
 
 
 def _host_draft(draft: Draft) -> tuple[np.ndarray, np.ndarray | None]:

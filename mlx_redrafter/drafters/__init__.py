@@ -11,6 +11,8 @@ import mlx.nn as nn
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.drafters.combined import CombinedDrafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
+from mlx_redrafter.drafters.eagle import EagleDrafter
+from mlx_redrafter.drafters.eagle_head import is_eagle_dir
 from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
 from mlx_redrafter.drafters.parallel import ParallelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
@@ -24,7 +26,10 @@ DRAFT_METHODS = ("same", "tli", "slem")
 
 
 def head_kind(path: str | Path) -> str:
-    """``"parallel"`` for a parallel head directory, else ``"redrafter"`` (by ``model_type``)."""
+    """``"eagle"`` / ``"parallel"`` for a feature-level / parallel head directory, else
+    ``"redrafter"`` (by ``draft_kind`` / ``model_type``)."""
+    if is_eagle_dir(path):
+        return "eagle"
     file = Path(path) / "config.json"
     if file.is_file():
         try:
@@ -40,14 +45,18 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     """Open a drafter directory for target ``model``, checked against it.
 
     The directory's ``config.json`` names the head: a ReDrafter head (``model_type:
-    recurrent_drafting_drafter``, :class:`ReDrafter`) or a parallel head (``model_type:
-    parallel_spec_drafter``, :class:`ParallelDrafter`); ``kwargs`` go to the drafter.
+    recurrent_drafting_drafter``, :class:`ReDrafter`), a parallel head (``model_type:
+    parallel_spec_drafter``, :class:`ParallelDrafter`) or a feature-level head
+    (``draft_kind: eagle``, :class:`EagleDrafter`); ``kwargs`` go to the drafter.
     (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
     and :func:`mlx_redrafter.drafters.parallel.load_head`.)
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"drafter not found: {path}")
+    if head_kind(path) == "eagle":
+        return EagleDrafter.from_model(model, path, tree_nodes=kwargs.get("tree_nodes"))
+    kwargs.pop("tree_nodes", None)
     if head_kind(path) == "parallel":
         return ParallelDrafter.from_model(model, path, **kwargs)
     return ReDrafter.from_model(model, path, **kwargs)
@@ -79,6 +88,7 @@ __all__ = [
     "Draft",
     "DraftContext",
     "DraftModelDrafter",
+    "EagleDrafter",
     "DRAFT_METHODS",
     "Drafter",
     "ParallelDrafter",

@@ -52,6 +52,8 @@ class DraftContext:
             else ``None``.
         recent_count: ``()`` int32, how many of the last rows of ``recent_hidden`` are
             real (lazy; the front rows are padding early in a sequence), or ``None``.
+        recent_tokens: ``(C,)`` int32, the token that followed each row of
+            ``recent_hidden`` (the last is ``root``; lazy), or ``None``.
     """
 
     hidden: mx.array
@@ -61,6 +63,7 @@ class DraftContext:
     params: SamplingParams = field(default_factory=SamplingParams)
     recent_hidden: mx.array | None = None
     recent_count: mx.array | None = None
+    recent_tokens: mx.array | None = None
 
 
 @dataclass
@@ -85,12 +88,16 @@ class Draft:
             beam 0's tokens with ``min(1, p/q)`` (a ReDrafter head's sampled chain,
             alone or in a combined tree; see :mod:`mlx_redrafter.accept`). Beam 0 must
             be fully valid.
+        state: Arrays the drafter keeps for its next proposal (e.g. a draft KV cache),
+            evaluated in the step's synchronisation with the beams so that no graph
+            grows across steps.
     """
 
     beams: mx.array
     draft_logprobs: mx.array | None = None
     valid: mx.array | None = None
     proposal: mx.array | None = None
+    state: list[mx.array] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -100,6 +107,11 @@ class Drafter(Protocol):
     An optional attribute ``hidden_window: int`` (``C``; 1 when absent) asks the engine
     for the hidden states of the last ``C`` accepted positions in
     ``DraftContext.recent_hidden`` (the parallel head reads them).
+
+    An optional method ``prime(hidden, next_tokens)`` receives the target's states at every
+    prompt position ``(P, d)`` and the token after each ``(P,)`` (the prompt shifted by one,
+    then the root) after the prompt pass (lazy; the feature-level head builds its own
+    cache from them).
 
     An optional method ``complete(draft, context, width, length) -> Draft`` is called by
     the engine right after each step's host synchronisation, with ``context.tokens``

@@ -51,13 +51,14 @@ def stack_drafts(drafts: Sequence[Draft]) -> Draft:
         raise ValueError(f"drafts of different beam lengths cannot be stacked: {sorted(lengths)}")
     beams = mx.concatenate([d.beams.astype(mx.int32) for d in drafts], axis=0)
     proposal = drafts[0].proposal
+    state = [a for d in drafts for a in d.state]
     if all(d.valid is None for d in drafts):
-        return Draft(beams=beams, proposal=proposal)
+        return Draft(beams=beams, proposal=proposal, state=state)
     valid = mx.concatenate(
         [mx.ones(d.beams.shape, dtype=mx.bool_) if d.valid is None else d.valid for d in drafts],
         axis=0,
     )
-    return Draft(beams=beams, valid=valid, proposal=proposal)
+    return Draft(beams=beams, valid=valid, proposal=proposal, state=state)
 
 
 class CombinedDrafter:
@@ -107,6 +108,19 @@ class CombinedDrafter:
         """Start a new sequence in every member."""
         for drafter, _ in self.members:
             drafter.reset(prompt_tokens)
+
+    def __getattr__(self, name: str):
+        # ``prime`` exists when a member has one (the engine checks with getattr)
+        if name == "prime":
+            primed = [d for d, _ in self.members if callable(getattr(d, "prime", None))]
+            if primed:
+
+                def prime(hidden: mx.array, next_tokens: mx.array) -> None:
+                    for drafter in primed:
+                        drafter.prime(hidden, next_tokens)
+
+                return prime
+        raise AttributeError(name)
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
         """The pipelined members' beams (lazy), or every member's when all need host tokens.

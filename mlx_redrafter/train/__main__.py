@@ -23,7 +23,9 @@ EXIT_ERROR = 2
 #: sub-command -> module of :mod:`mlx_redrafter.train` that implements it
 COMMANDS = {
     "distill": "distill",
+    "features": "sequence_features",
     "fit": "fit",
+    "fit-eagle": "eagle_fit",
     "evaluate": "score",
     "pack": "pack",
     "unpack": "unpack",
