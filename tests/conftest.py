@@ -13,6 +13,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_model_dir  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global MLX and NumPy random state, so a draw without
+    an explicit key or seed does not depend on which tests ran before."""
+    import mlx.core as mx
+    import numpy as np
+
+    mx.random.seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny llama + byte-level tokenizer saved as an mlx-lm model directory."""

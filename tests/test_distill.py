@@ -20,6 +20,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from scipy import stats
 from tiny_models import byte_tokenizer, save_tiny_model_dir, tiny_model
 
 from mlx_redrafter import fast_math
@@ -197,12 +198,23 @@ def test_sampling_follows_the_softmax() -> None:
     model = tiny_model("llama", scale=0.5)
     gen = SlotGenerator(model, {0}, batch_size=64, max_new_tokens=1, temperature=1.0)
     prompt = (5, 6, 7)
-    firsts = [c.response[0] for c in gen.generate(Request(i, prompt, seed=i) for i in range(1500))]
-    probs = np.array(mx.softmax(model(mx.array([prompt]))[0, -1]))
-    counts = np.bincount(firsts, minlength=probs.shape[0])
-    top = np.argsort(probs)[-3:]
-    expected = probs[top] * len(firsts)
-    assert np.all(np.abs(counts[top] - expected) < 5 * np.sqrt(expected) + 5)
+    draws = 4000
+    firsts = [c.response[0] for c in gen.generate(Request(i, prompt, seed=i) for i in range(draws))]
+    logits = model(mx.array([prompt]))[0, -1]
+    counts = np.bincount(firsts, minlength=logits.shape[0])
+
+    def p_value(temperature: float) -> float:
+        """Chi-square p-value of the counts against the softmax at ``temperature``."""
+        probs = np.array(mx.softmax(logits / temperature), dtype=np.float64)
+        expected = probs / probs.sum() * draws
+        big = expected >= 5
+        obs = np.append(counts[big], counts[~big].sum())
+        exp = np.append(expected[big], expected[~big].sum())
+        return stats.chisquare(obs[exp > 0], exp[exp > 0]).pvalue
+
+    assert p_value(1.0) > 1e-3
+    # power: the same statistic rejects a temperature 10-20% off
+    assert p_value(0.9) < 1e-3 and p_value(1.2) < 1e-3
 
 
 # ------------------------------------------------------------------------------ kernels
