@@ -173,7 +173,9 @@ class EagleDrafter:
         dtype = self.rows.dtype
         grow = mx.zeros((*self._shape[:2], new - capacity, self._shape[3]), dtype=dtype)
         if self.keys is None:
-            self.keys, self.values = grow, grow
+            # two buffers: item assignment writes in place, so one shared array would
+            # hold the values in the keys' slots
+            self.keys, self.values = grow, mx.zeros_like(grow)
         else:
             # the old scratch slot becomes an ordinary (unwritten) slot: nothing reads it
             self.keys = mx.concatenate([self.keys, grow], axis=2)
