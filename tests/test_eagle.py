@@ -353,6 +353,11 @@ def test_proposals_are_the_best_chain_beams_and_tree(name):
     kept = sorted(score, key=lambda p: -score[p])[:7]
     assert set(nodes) == set(kept)
 
+    beam = case.drafter()  # beam search over the same candidates: the 3 best of depth 3
+    beams = np.array(beam.propose(case.context(beam, 6), 3, 4).beams)
+    deepest = sorted((p for p in score if len(p) == 3), key=lambda p: -score[p])[:3]
+    assert (beams[:, 0] == root).all() and {tuple(b[1:]) for b in beams} == set(deepest)
+
 
 # ----------------------------------------------------------------------------- engine
 
