@@ -59,6 +59,20 @@ def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "
     return load_drafter(path, model, keep_logprobs=acceptance != "exact")
 
 
+def with_tree(drafter, tree_nodes: int | None):
+    """``drafter`` drafting dynamic trees of ``tree_nodes`` nodes (``--tree-nodes``; EAGLE
+    heads only); ``drafter`` itself when not asked."""
+    if tree_nodes is None:
+        return drafter
+    from mlx_redrafter.drafters import EagleDrafter
+
+    if not isinstance(drafter, EagleDrafter):
+        raise CLIError("--tree-nodes needs an EAGLE head (--drafter DIR of a feature-level head)")
+    if tree_nodes < 1:
+        raise CLIError(f"--tree-nodes must be >= 1, got {tree_nodes}")
+    return drafter.with_tree(tree_nodes)
+
+
 def with_lookup(drafter, lookup_beams: int, ngram: int):
     """``drafter`` plus ``lookup_beams`` prompt-lookup beams in one tree (0: ``drafter``)."""
     if lookup_beams < 0:
@@ -158,6 +172,7 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     kind = drafter_kind(args)
     if kind == "head":
         drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
+        drafter = with_tree(drafter, getattr(args, "tree_nodes", None))
         from mlx_redrafter.profile import setup_key
 
         setup = setup_key(args.model, args.drafter, sampling(args))

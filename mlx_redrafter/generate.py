@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_kind_arguments(p)
     p.add_argument("--beam-width", type=int, default=None)
     p.add_argument("--beam-length", type=int, default=None)
+    p.add_argument(
+        "--tree-nodes",
+        type=int,
+        default=None,
+        help="EAGLE heads: draft a dynamic tree of N nodes, --beam-width children per node",
+    )
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
     p.add_argument("--verbose", action="store_true", help="also print the per-token stream details")
     return p
