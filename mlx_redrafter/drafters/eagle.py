@@ -101,6 +101,9 @@ class EagleDrafter:
         tree_nodes: ``N`` for an EAGLE-2 dynamic tree (``W`` is then the children expanded
             per node); ``None`` for beam search (``W = 1``: a chain).
         window: Recent accepted positions the engine passes (``>= L``).
+        sample: When sampling (``temp > 0``) with ``W = 1`` and no tree, draw the chain from
+            the head under the target's transforms (verified with ``min(1, p/q)``);
+            otherwise drafts are deterministic (the exact walk verifies them either way).
     """
 
     stochastic = False
@@ -114,7 +117,9 @@ class EagleDrafter:
         draft_vocab: np.ndarray | None = None,
         tree_nodes: int | None = None,
         window: int = DEFAULT_WINDOW,
+        sample: bool = True,
     ):
+        self.sample = sample
         self.head = head
         self.rows = rows
         self.embed = embed
@@ -221,8 +226,9 @@ class EagleDrafter:
     def _to_target(self, ids: mx.array) -> mx.array:
         return ids if self.vocab is None else self.vocab[ids]
 
-    def grow(self, context: DraftContext, k: int, depth: int) -> Candidates:
-        """Advance the cache to ``context.position`` and grow ``depth`` levels of ``k``."""
+    def _advance(self, context: DraftContext, depth: int) -> tuple[mx.array, mx.array]:
+        """Write the newly accepted entries; returns the root entry's output ``(1, d)`` and
+        the cache keys every draft node sees ``(capacity,)`` bool."""
         rows, nxt = context.recent_hidden, context.recent_tokens
         c = rows.shape[0]
         position = context.position.astype(mx.int32)
@@ -233,7 +239,56 @@ class EagleDrafter:
         capacity = self.keys.shape[2]
         key_pos = mx.arange(capacity, dtype=mx.int32)
         visible = (key_pos < position) & (key_pos < capacity - 1)
-        out = self._attend(q[:, :, -1:], x[-1:], visible[None], [], [])  # (1, d)
+        return self._attend(q[:, :, -1:], x[-1:], visible[None], [], []), visible
+
+    def _node(
+        self, token: mx.array, feature: mx.array, position: mx.array, mask: mx.array, tree_k, tree_v
+    ) -> mx.array:
+        """Outputs ``(k, d)`` of draft nodes with target ids ``token`` ``(k,)`` and parent
+        features ``(k, d)`` at ``position``; their keys join ``tree_k/v``."""
+        x = self.head.entries(self.embed(token), feature)
+        pos = mx.broadcast_to(position, token.shape)
+        q, kk, vv = self.head.layer.self_attn.qkv(x[None], pos)
+        tree_k.append(kk)
+        tree_v.append(vv)
+        return self._attend(q, x, mask, tree_k, tree_v)
+
+    def sample_chain(self, context: DraftContext, depth: int) -> tuple[mx.array, mx.array]:
+        """A chain drawn from the head under the target's sampling transforms.
+
+        Returns:
+            ``chain (1, depth)`` target ids after the root and ``log_q (depth, V)`` float32,
+            the normalised log-probabilities each token was drawn from (``-inf`` off the
+            draft vocabulary).
+        """
+        out, visible = self._advance(context, depth)
+        position = context.position.astype(mx.int32)
+        k = self.rows.shape[0] if not self.head.config.own_head else self.head.config.draft_size
+        gumbel = mx.random.gumbel(shape=(depth, k))
+        tokens, log_q = [], []
+        tree_k: list[mx.array] = []
+        tree_v: list[mx.array] = []
+        for t in range(depth):
+            if t:
+                mask = mx.concatenate([visible, mx.ones((t,), mx.bool_)])[None]
+                out = self._node(tokens[-1], out, position - 1 + t, mask, tree_k, tree_v)
+            weights = context.params.logits(self.head.logits(out, self.rows).astype(mx.float32))
+            step = (weights - mx.logsumexp(weights, axis=-1, keepdims=True))[0]
+            drawn = mx.argmax(step + gumbel[t], keepdims=True)
+            tokens.append(self._to_target(drawn))
+            log_q.append(step)
+        log_q = mx.stack(log_q)
+        if self.vocab is not None:
+            full = mx.full((depth, self.head.config.vocab_size), -mx.inf, dtype=mx.float32)
+            full[:, self.vocab] = log_q
+            log_q = full
+        return mx.concatenate(tokens)[None], log_q
+
+    def grow(self, context: DraftContext, k: int, depth: int) -> Candidates:
+        """Advance the cache to ``context.position`` and grow ``depth`` levels of ``k``."""
+        out, visible = self._advance(context, depth)
+        position = context.position.astype(mx.int32)
+        capacity = visible.shape[0]
         logp = self._log_probs(out)[0]  # (K,)
         top = mx.argsort(-logp)[:k]
         scores = logp[top]
@@ -246,15 +301,10 @@ class EagleDrafter:
         tree_v: list[mx.array] = []
         eye = mx.eye(k, dtype=mx.bool_)
         for t in range(1, depth):
-            tgt = self._to_target(front_tok)
-            x = self.head.entries(self.embed(tgt), front_feat)
-            pos = mx.broadcast_to(position - 1 + t, (k,))
-            q, kk, vv = self.head.layer.self_attn.qkv(x[None], pos)
-            tree_k.append(kk)
-            tree_v.append(vv)
             own = mx.concatenate([ancestors, eye], axis=1)  # (k, k * t)
             mask = mx.concatenate([mx.broadcast_to(visible, (k, capacity)), own], axis=1)
-            out = self._attend(q, x, mask, tree_k, tree_v)  # (k, d)
+            tgt = self._to_target(front_tok)
+            out = self._node(tgt, front_feat, position - 1 + t, mask, tree_k, tree_v)  # (k, d)
             logp = self._log_probs(out)  # (k, K)
             child = mx.argsort(-logp, axis=-1)[:, :k]  # (k, k)
             child_scores = (front_scores[:, None] + mx.take_along_axis(logp, child, -1)).reshape(-1)
@@ -290,8 +340,12 @@ class EagleDrafter:
                 f"beam length {length} exceeds the drafter's window {self.hidden_window}"
             )
         depth = length - 1
-        cand = self.grow(context, width, depth)
         root = mx.broadcast_to(context.root.astype(mx.int32), (1,))
+        if self.sample and width == 1 and self.tree_nodes is None and not context.params.greedy:
+            chain, log_q = self.sample_chain(context, depth)
+            beams = mx.concatenate([root[None], chain], axis=1)
+            return Draft(beams=beams, proposal=log_q, state=self.state())
+        cand = self.grow(context, width, depth)
         if self.tree_nodes is None:
             beams = mx.concatenate([mx.broadcast_to(root, (width, 1)), cand.last], axis=1)
             return Draft(beams=beams, state=self.state())
