@@ -108,7 +108,9 @@ def byte_tokenizer(vocab_size: int = 96):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: max(0, vocab_size - 40)],
+        # ``alphabet()`` comes in a different order in every process: sorted, the truncated
+        # alphabet (and so every tokenization) is the same in every run
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[: max(0, vocab_size - 40)],
         show_progress=False,
     )
     corpus = ["the cat sat on the mat. " * 4, "hello world 123 456, the end.", "a b c d e f"] * 8
