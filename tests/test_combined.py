@@ -310,8 +310,10 @@ def test_a_planted_bug_fails_the_same_test(setup, bug, name):
     with the rejected children left in the stop node's draw, fails the test above."""
     params = SETTINGS[name]
     root, draws = _two_tokens(setup, params, per_member=False, walk=walk_mutant(bug))
-    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
+    assert tvd > tvd_bound(joint, len(draws))  # the TVD check fails it too
 
 
 # ----------------------------------------------------------------------------- simulation

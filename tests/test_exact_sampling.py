@@ -239,6 +239,7 @@ def test_a_planted_bug_fails_the_same_test(setup, bug, shape, name):
     joint = exact_joint(setup, params, root)
     p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
+    assert tvd > tvd_bound(joint, len(draws))  # the TVD check fails it too
 
 
 def test_the_trees_have_probable_siblings_at_every_level(setup):

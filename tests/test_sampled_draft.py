@@ -229,8 +229,10 @@ def test_a_planted_bug_fails_the_same_test(setup, bug, name):
     sample size and seed)."""
     params = SETTINGS[name]
     root, draws = sample_with_sampled_chain(setup, params, seed=1, walk=walk_mutant(bug))
-    p_value, tvd, impossible = goodness_of_fit(draws, exact_joint(setup, params, root))
+    joint = exact_joint(setup, params, root)
+    p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert p_value < 1e-3 or impossible > 0, f"p={p_value:.3f} tvd={tvd:.4f}"
+    assert tvd > tvd_bound(joint, len(draws))  # the TVD check fails it too
 
 
 # ----------------------------------------------------------------------------- engine
