@@ -415,6 +415,8 @@ def head_methods(
         name = f"{label} N{nodes}" if nodes else label
         name = f"{name} + lookup {lookup}" if lookup else name
         for width in args.beam_width:
+            if nodes and width == 1:
+                continue  # a tree with one child per node is the chain
             for length in args.beam_length:
                 for sample in samples if rule == "exact" and width == 1 else [True]:
                     methods.append(
