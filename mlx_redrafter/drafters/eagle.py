@@ -36,6 +36,7 @@ import numpy as np
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.eagle_head import EagleHead, load_head
+from mlx_redrafter.drafters.redrafter import find_input_embedding
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 
 #: Capacity of the head's cache grows in steps of this many entries.
@@ -145,10 +146,7 @@ class EagleDrafter:
                 f"eagle head {path} was made for hidden size {cfg.hidden_size} and vocabulary "
                 f"{cfg.vocab_size}; the target has hidden size {d} and vocabulary {v}"
             )
-        from mlx_redrafter.target import EMBED_PATHS, _find
-
-        found = _find(model, EMBED_PATHS)
-        embed = found[0][found[1]]
+        embed = find_input_embedding(model)
         rows = lm_head_rows(model, vocab)
         dtype = rows.dtype if rows.dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
         head.set_dtype(dtype)

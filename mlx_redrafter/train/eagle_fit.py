@@ -33,10 +33,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_redrafter.drafters.eagle import lm_head_rows
 from mlx_redrafter.drafters.eagle_head import EagleConfig, EagleHead, save_head
+from mlx_redrafter.drafters.redrafter import find_input_embedding
 from mlx_redrafter.fast_math import exp_ops, fast_exp, logsumexp
 from mlx_redrafter.train.data import DistillDataset
 from mlx_redrafter.train.features import META_FILE, FeatureStore, sequence_key
@@ -300,8 +302,10 @@ def fit(
     out_dir: str | Path,
     vocab_ids: np.ndarray | None,
     log=print,
+    init: EagleHead | None = None,
 ) -> dict:
-    """Fit a head from scratch; saves it to ``out_dir``; returns the training record."""
+    """Fit a head from scratch (or go on training ``init``, whose draft vocabulary must be
+    ``vocab_ids``); saves it to ``out_dir``; returns the training record."""
     mx.random.seed(options.seed)
     rng = np.random.default_rng(options.seed)
     cfg = EagleConfig.for_target(
@@ -310,11 +314,12 @@ def fit(
         own_head=options.own_head,
     )
     head = EagleHead(cfg)
+    if init is not None:
+        head.load_weights(list(tree_flatten(init.parameters())))
+        head.set_dtype(mx.float32)
+        head.train()
     head.layer.mlp.act = swiglu
-    from mlx_redrafter.target import EMBED_PATHS, _find
-
-    found = _find(model, EMBED_PATHS)
-    embed = found[0][found[1]]
+    embed = find_input_embedding(model)
     rows = lm_head_rows(model, vocab_ids).astype(mx.float32)
     label_table = np.full(cfg.vocab_size, -1, np.int32)
     if vocab_ids is None:
@@ -437,6 +442,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--own-head", action="store_true", help="learn an own output layer")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=None, help="first N training sequences")
+    p.add_argument("--init-head", default=None, help="go on training this head (its vocabulary)")
     p.set_defaults(handler=run)
     return p
 
@@ -491,8 +497,18 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    vocab_ids = None
-    if args.draft_vocab:
+    vocab_ids, init = None, None
+    if args.init_head:
+        from mlx_redrafter.drafters.eagle_head import load_head
+
+        init, vocab_ids = load_head(args.init_head)
+        if init.config.hidden_size != int(model.args.hidden_size):
+            print(
+                f"error: --init-head {args.init_head} was made for another target", file=sys.stderr
+            )
+            return 2
+        options.own_head = init.config.own_head
+    elif args.draft_vocab:
         counts = response_token_counts(
             zip(train.sequences, train.starts, strict=True), int(model.args.vocab_size)
         )
@@ -502,6 +518,6 @@ def run(args: argparse.Namespace) -> int:
             f"draft vocabulary: {vocab.size} ids, {coverage_of(vocab.ids, counts):.4f} of training targets"
         )
     print(f"training on {len(train)} sequences, held out {len(heldout)}")
-    record = fit(model, train, heldout, options, args.out, vocab_ids)
+    record = fit(model, train, heldout, options, args.out, vocab_ids, init=init)
     print(f"saved {args.out} ({record['steps']} steps, {record['seconds']:.0f} s)")
     return 0
