@@ -37,6 +37,7 @@ import numpy as np
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.eagle_head import EagleHead, load_head
 from mlx_redrafter.drafters.redrafter import find_input_embedding
+from mlx_redrafter.drafters.sampled_chain import to_target_space
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 
 #: Capacity of the head's cache grows in steps of this many entries.
@@ -261,7 +262,7 @@ class EagleDrafter:
         """
         out, visible = self._advance(context, depth)
         position = context.position.astype(mx.int32)
-        k = self.rows.shape[0] if not self.head.config.own_head else self.head.config.draft_size
+        k = self.head.config.draft_size
         gumbel = mx.random.gumbel(shape=(depth, k))
         tokens, log_q = [], []
         tree_k: list[mx.array] = []
@@ -275,11 +276,7 @@ class EagleDrafter:
             drawn = mx.argmax(step + gumbel[t], keepdims=True)
             tokens.append(self._to_target(drawn))
             log_q.append(step)
-        log_q = mx.stack(log_q)
-        if self.vocab is not None:
-            full = mx.full((depth, self.head.config.vocab_size), -mx.inf, dtype=mx.float32)
-            full[:, self.vocab] = log_q
-            log_q = full
+        log_q = to_target_space(mx.stack(log_q), self.vocab, self.head.config.vocab_size)
         return mx.concatenate(tokens)[None], log_q
 
     def grow(self, context: DraftContext, k: int, depth: int) -> Candidates:

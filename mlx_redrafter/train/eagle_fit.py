@@ -42,7 +42,12 @@ from mlx_redrafter.drafters.redrafter import find_input_embedding
 from mlx_redrafter.fast_math import exp_ops, fast_exp, logsumexp
 from mlx_redrafter.train.data import DistillDataset
 from mlx_redrafter.train.features import META_FILE, FeatureStore, sequence_key
-from mlx_redrafter.train.vocab import build_draft_vocab, coverage_of, response_token_counts
+from mlx_redrafter.train.vocab import (
+    DraftVocab,
+    build_draft_vocab,
+    coverage_of,
+    response_token_counts,
+)
 
 DEPTH_DECAY = 0.8
 
@@ -321,12 +326,10 @@ def fit(
     head.layer.mlp.act = swiglu
     embed = find_input_embedding(model)
     rows = lm_head_rows(model, vocab_ids).astype(mx.float32)
-    label_table = np.full(cfg.vocab_size, -1, np.int32)
     if vocab_ids is None:
-        label_table = np.arange(cfg.vocab_size, dtype=np.int32)
+        label_of = mx.arange(cfg.vocab_size, dtype=mx.int32)
     else:
-        label_table[vocab_ids] = np.arange(vocab_ids.size, dtype=np.int32)
-    label_of = mx.array(label_table)
+        label_of = mx.array(DraftVocab(vocab_ids, "mask", cfg.vocab_size).target_to_draft())
 
     per_epoch = train.batches(options.batch_tokens, None)
     total_steps = max(1, int(math.ceil(len(per_epoch) * options.epochs)))
