@@ -314,8 +314,8 @@ def exact_walk(
     kid_probs = mx.where(live_kids, mx.exp(kid_logw - log_norm), 0.0).astype(mx.float32)
     rows = 0 if log_q is None else log_q.shape[0]
     if rows:
-        q = fast_math.exp_ops(log_q.astype(mx.float32))  # (R, V)
-        p_rows = fast_math.exp_ops(log_weights[:rows].astype(mx.float32) - log_norm[:rows])
+        q = fast_math.exp(log_q.astype(mx.float32))  # (R, V)
+        p_rows = fast_math.exp(log_weights[:rows].astype(mx.float32) - log_norm[:rows])
         left = sampled_residual(p_rows, q)  # (R, V) the law left after rejecting c_1 ~ q
         left_mass = left.sum(axis=-1)  # (R,)
         kid_q = mx.take_along_axis(q, kid_tokens[:rows], axis=-1)  # (R, C)

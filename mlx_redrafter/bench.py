@@ -544,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune:
+        from mlx_redrafter.models import weights_dtype
         from mlx_redrafter.profile import setup_key
         from mlx_redrafter.tune import tune
 
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_tokens,
             lookup_beams=[0] if args.acceptance == "redrafter" else args.lookup_beams,
             ngram=args.ngram,
-            setup=setup_key(args.model, args.drafter, args.temp > 0),
+            setup=setup_key(args.model, args.drafter, args.temp > 0, weights_dtype(model)),
             explore_wide=explore_wide,
         )
         (out / "tune.json").write_text(json.dumps(report, indent=2))

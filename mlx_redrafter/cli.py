@@ -173,11 +173,13 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     if kind == "head":
         drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
         drafter = with_tree(drafter, getattr(args, "tree_nodes", None))
+        from mlx_redrafter.models import weights_dtype
         from mlx_redrafter.profile import setup_key
 
-        setup = setup_key(args.model, args.drafter, sampling(args))
+        dtype = weights_dtype(model)
+        setup = setup_key(args.model, args.drafter, sampling(args), dtype)
         lookup = lookup_beams_for(args.lookup_beams, acceptance, setup)
-        return with_lookup(drafter, lookup, args.ngram), beam_shape(args)
+        return with_lookup(drafter, lookup, args.ngram), beam_shape(args, dtype)
     num_draft = args.num_draft_tokens
     if num_draft is None:
         num_draft = DEFAULT_DRAFT_TOKENS[kind]
@@ -202,13 +204,14 @@ def sampling(args: argparse.Namespace) -> bool:
     return (getattr(args, "temp", 0.0) or 0.0) > 0
 
 
-def beam_shape(args: argparse.Namespace) -> tuple[int, int]:
-    """``(W, L)`` from the flags, else the device profile for this model and drafter, else
-    the built-in default."""
+def beam_shape(args: argparse.Namespace, dtype: str | None = None) -> tuple[int, int]:
+    """``(W, L)`` from the flags, else the device profile for this model (in ``dtype``)
+    and drafter, else the built-in default."""
     from mlx_redrafter.profile import setup_key, tuned_shape
 
     default = DEFAULT_SAMPLING_SHAPE if sampling(args) else DEFAULT_SHAPE
-    width, length = tuned_shape(setup_key(args.model, args.drafter, sampling(args))) or default
+    setup = setup_key(args.model, args.drafter, sampling(args), dtype)
+    width, length = tuned_shape(setup) or default
     return args.beam_width or width, args.beam_length or length
 
 

@@ -49,12 +49,11 @@ def cache_home() -> Path:
 
 
 def default_dtype() -> str:
-    """``"float16"`` on macOS with Metal, else ``"float32"`` (fp16 matmuls are slow on CPU)."""
-    import mlx.core as mx
+    """``"float16"`` on macOS with Metal, else ``"float32"``
+    (:func:`mlx_redrafter.device.default_dtype`)."""
+    from mlx_redrafter.device import default_dtype as device_default
 
-    if sys.platform == "darwin" and mx.metal.is_available():
-        return "float16"
-    return "float32"
+    return device_default()
 
 
 def model_dir(dtype: str) -> Path:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_redrafter.device import default_dtype, safe_dtype
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -20,9 +23,32 @@ class ModelLoadError(ValueError):
     """A model could not be found, read or downloaded."""
 
 
-def default_dtype() -> str:
-    """fp16 on Metal (the fast path on a Mac), fp32 on CPU (fp16 matmuls are slow there)."""
-    return "float16" if mx.metal.is_available() else "float32"
+def gguf_dtype(path: Path) -> str:
+    """The dtype a GGUF file is imported in by default: :func:`default_dtype`, except
+    bfloat16 where that is float16 and the architecture overflows it
+    (:func:`mlx_redrafter.device.safe_dtype`)."""
+    dtype = default_dtype()
+    if dtype != "float16":
+        return dtype
+    from convert.gguf import ConversionError, read_gguf
+
+    try:
+        return safe_dtype(dtype, read_gguf(path).architecture)
+    except ConversionError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The model's weights as a profile names them: ``"float32"``, ``"float16"``,
+    ``"bfloat16"``, or ``"q4-float16"`` (4-bit weights, float16 scales and activations)."""
+    counts: dict[str, int] = {}
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            name = str(value.dtype).rsplit(".", 1)[-1]
+            counts[name] = counts.get(name, 0) + 1
+    name = max(counts, key=counts.get) if counts else "float32"
+    bits = {m.bits for _, m in model.named_modules() if isinstance(getattr(m, "bits", None), int)}
+    return f"q{max(bits)}-{name}" if bits else name
 
 
 def cast_model(model: nn.Module, dtype: str | None) -> nn.Module:
@@ -59,7 +85,7 @@ def resolve_model_path(path_or_repo: str | None, dtype: str | None = None) -> Pa
             raise ModelLoadError(f"GGUF file not found: {path}")
         from mlx_redrafter.default_model import imported_gguf_path
 
-        return imported_gguf_path(path, dtype=dtype or default_dtype())
+        return imported_gguf_path(path, dtype=dtype or gguf_dtype(path))
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"model path is not a directory: {path}")

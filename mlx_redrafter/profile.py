@@ -1,9 +1,10 @@
 """Beam-shape profiles written by ``python -m mlx_redrafter.bench --tune``.
 
-A profile belongs to one device *and* one setup (target model + drafter, greedy or
-sampling): the best beam shape depends on the device's verification cost and on the
-drafter's acceptance, so a shape tuned for one model (or for greedy decoding) is never
-applied to another (or to sampling).
+A profile belongs to one device *and* one setup (target model in its dtype + drafter,
+greedy or sampling): the best beam shape depends on the device's verification cost (a
+GPU's, named with its memory, or a CPU model's; a float16 model's or a float32 one's) and
+on the drafter's acceptance, so a shape tuned for one model, device or dtype (or for greedy
+decoding) is never applied to another (or to sampling).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
+
+from mlx_redrafter import device
 
 
 def home() -> Path:
@@ -21,8 +23,9 @@ def home() -> Path:
 
 
 def device_key() -> str:
-    """A key naming this device: OS, machine and CPU count."""
-    return f"{platform.system()}-{platform.machine()}-{os.cpu_count()}"
+    """A key naming the device computations run on (:func:`mlx_redrafter.device.key`: the
+    GPU's name and memory on a Mac, the CPU model and core count here)."""
+    return device.key()
 
 
 def _name(spec: str | None) -> str:
@@ -32,11 +35,16 @@ def _name(spec: str | None) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def setup_key(model: str | None, drafter: str | None, sampling: bool = False) -> str:
-    """The setup a profile is for: ``--model`` and ``--drafter`` (resolved paths), and
-    whether decoding samples (``temp > 0``): sampled text is accepted less, so its best
-    shape is tuned apart."""
+def setup_key(
+    model: str | None, drafter: str | None, sampling: bool = False, dtype: str | None = None
+) -> str:
+    """The setup a profile is for: ``--model`` and ``--drafter`` (resolved paths), whether
+    decoding samples (``temp > 0``: sampled text is accepted less, so its best shape is
+    tuned apart) and the model's dtype (:func:`mlx_redrafter.models.weights_dtype`: a
+    tree forward costs differently in float16, 4-bit or float32)."""
     key = f"model={_name(model)} drafter={_name(drafter)}"
+    if dtype is not None:
+        key += f" dtype={dtype}"
     return f"{key} mode=sampling" if sampling else key
 
 

@@ -22,6 +22,7 @@ from mlx_redrafter.cache import set_length
 from mlx_redrafter.cli import with_lookup
 from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.engine import StepStats, stream_generate
+from mlx_redrafter.models import weights_dtype
 from mlx_redrafter.profile import save_profile, setup_key
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
@@ -68,8 +69,10 @@ def verify_costs(
 
 
 def draft_cost(drafter, target: Target, width: int, length: int, repeats: int = 5) -> float:
-    """Median seconds of one proposal of shape ``(W, L)``."""
-    hidden = mx.random.normal((target.hidden_size,), key=mx.random.key(1))
+    """Median seconds of one proposal of shape ``(W, L)``, from a hidden state in the
+    target's activation dtype (what the drafter receives while decoding)."""
+    dtype = target.embed(mx.array([0])).dtype
+    hidden = mx.random.normal((target.hidden_size,), key=mx.random.key(1)).astype(dtype)
     context = DraftContext(hidden, mx.array(1, dtype=mx.int32), mx.array(0), [])
     times = []
     for _ in range(repeats + 1):
@@ -215,7 +218,7 @@ def tune(
         "best": {k: best[k] for k in ("beam_width", "beam_length", "lookup_beams")},
     }
     path = save_profile(
-        setup_key(None, None) if setup is None else setup,
+        setup_key(None, None, dtype=weights_dtype(model)) if setup is None else setup,
         best["beam_width"],
         best["beam_length"],
         best["lookup_beams"],

@@ -1,6 +1,7 @@
 """The OpenBLAS loader: correct results, really OpenBLAS, and clean fallbacks."""
 
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -11,7 +12,10 @@ import pytest
 
 from mlx_redrafter import BLAS, _blas
 
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS preload is Linux-only")
+# platform.system(), not sys.platform: CI's second pass fakes macOS through it.
+linux_only = pytest.mark.skipif(
+    platform.system() != "Linux", reason="OpenBLAS preload is Linux-only"
+)
 
 
 @linux_only
@@ -112,7 +116,8 @@ print(mlx_redrafter.MALLOC_TUNED, mallinfo2().hblkhd >= a.nbytes)
 
 
 @pytest.mark.skipif(
-    sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+    platform.system() != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="glibc only",
 )
 def test_large_mlx_buffers_come_from_the_heap_not_fresh_mmaps():
     tuned = _run(_MMAPPED_BYTES)
@@ -120,3 +125,15 @@ def test_large_mlx_buffers_come_from_the_heap_not_fresh_mmaps():
     assert tuned.stdout.split() == ["True", "False"]
     plain = _run(_MMAPPED_BYTES, MLX_REDRAFTER_NO_MALLOC_TUNING="1")
     assert plain.stdout.split() == ["False", "True"]  # the check sees mmapped buffers
+
+
+def test_nothing_is_loaded_or_tuned_on_macos(monkeypatch):
+    """On a Mac (MLX uses Accelerate / Metal) the loader and the heap tuning do nothing."""
+    from mlx_redrafter import _malloc
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(_blas, "_STATE", {})
+    monkeypatch.setattr(_blas, "_try_providers", lambda: pytest.fail("a provider was tried"))
+    info = _blas.ensure_openblas()
+    assert info.provider is None and "not Linux" in info.reason
+    assert _malloc.tune_malloc() is False

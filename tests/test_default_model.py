@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -68,9 +68,9 @@ def test_cache_home_and_dirs(home: Path, monkeypatch) -> None:
 
 def test_default_dtype(monkeypatch) -> None:
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
     assert dm.default_dtype() == "float32"
-    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert dm.default_dtype() == "float16"
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     assert dm.default_dtype() == "float32"

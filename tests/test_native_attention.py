@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx_redrafter  # noqa: F401  (first: fast BLAS)
 
 # isort: split
+import platform
 import warnings
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def test_a_failing_compiler_is_reported_and_mlx_attention_is_kept(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not native_attention.available()
-    assert any("native decode attention unavailable" in str(w.message) for w in caught)
+    reported = any("native decode attention unavailable" in str(w.message) for w in caught)
+    # on macOS (CI's second pass fakes it) the kernel is never built, so nothing to report
+    assert reported == (platform.system() == "Linux")
     q, k, v = _inputs(2, 4, 2, 6, 8, 6)
     np.testing.assert_allclose(  # fast_sdpa falls back to MLX's grouped matmuls
         fast_ops.fast_sdpa(q, k, v, None, 0.5, None),

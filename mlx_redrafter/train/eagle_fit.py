@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from mlx_redrafter.device import on_cpu
 from mlx_redrafter.drafters.eagle import lm_head_rows
 from mlx_redrafter.drafters.eagle_head import EagleConfig, EagleHead, save_head
 from mlx_redrafter.drafters.redrafter import find_input_embedding
@@ -112,6 +114,22 @@ def _cross_entropy_vjp(primals, cotangent, output):
     probs = fast_exp(logits - logsumexp(logits))
     onehot = mx.arange(logits.shape[-1])[None, :] == labels[:, None]
     return cotangent[:, None] * (probs - onehot), mx.zeros_like(labels)
+
+
+def _mlx_softmax(x: mx.array) -> mx.array:
+    return mx.softmax(x, axis=-1)
+
+
+def _mlx_cross_entropy(logits: mx.array, labels: mx.array) -> mx.array:
+    return nn.losses.cross_entropy(logits, labels)
+
+
+def device_kernels() -> tuple[Callable, Callable]:
+    """``(softmax, cross_entropy)`` for the device: the fast-exp functions above on the CPU,
+    MLX's fused ones on a GPU (:func:`mlx_redrafter.device.on_cpu`)."""
+    if on_cpu():
+        return softmax, cross_entropy
+    return _mlx_softmax, _mlx_cross_entropy
 
 
 @dataclass
@@ -229,7 +247,7 @@ def _attend_unrolled(
     q = q * hd**-0.5
     cols = [q @ heads(base_k).swapaxes(-1, -2) + bias]
     cols += [mx.sum(q * heads(k), axis=-1, keepdims=True) for k, _ in extra]
-    probs = softmax(mx.concatenate(cols, axis=-1) if extra else cols[0])
+    probs = device_kernels()[0](mx.concatenate(cols, axis=-1) if extra else cols[0])
     out = probs[..., :t] @ heads(base_v)
     for i, (_, v) in enumerate(extra):
         out = out + probs[..., t + i : t + i + 1] * heads(v)
@@ -287,7 +305,7 @@ def loss_terms(
         chosen = labels.reshape(-1)[where]
         logits = head.logits(out.reshape(-1, out.shape[-1])[where], rows)
         vcount = max(int(in_vocab.sum()), 1)
-        token_loss = cross_entropy(logits, chosen).sum() / vcount
+        token_loss = device_kernels()[1](logits, chosen).sum() / vcount
         hits = (mx.argmax(logits, -1) == chosen).sum()
         total = total + weight * (
             options.feature_weight * feature_loss + options.token_weight * token_loss
@@ -323,7 +341,8 @@ def fit(
         head.load_weights(list(tree_flatten(init.parameters())))
         head.set_dtype(mx.float32)
         head.train()
-    head.layer.mlp.act = swiglu
+    if on_cpu():  # on a GPU, mlx-lm's compiled SwiGLU is faster
+        head.layer.mlp.act = swiglu
     embed = find_input_embedding(model)
     rows = lm_head_rows(model, vocab_ids).astype(mx.float32)
     if vocab_ids is None:

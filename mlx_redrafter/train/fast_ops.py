@@ -18,7 +18,8 @@ built, and restores them afterwards:
   ~2x faster than MLX's CPU attention at 1,600 tokens); every other call (additive masks,
   sinks, quantized caches, other dtypes) goes to the original.
 
-Only float32 models of module files that import both names from mlx-lm's ``activations``
+Nothing is swapped unless MLX's default device is the CPU (on a GPU, MLX's fused kernels
+are faster and smaller; see :mod:`mlx_redrafter.device`). Only float32 models of module files that import both names from mlx-lm's ``activations``
 and ``base`` (llama, qwen2, qwen3, phi3, ...) are affected; the swap is checked against the
 original forward on a probe input before it is used (see
 :func:`mlx_redrafter.train.batch_generate.SlotGenerator`).
@@ -37,6 +38,7 @@ from mlx_lm.models import activations as _activations
 from mlx_lm.models import base as _base
 from mlx_lm.models.base import create_causal_mask
 
+from mlx_redrafter.device import on_cpu
 from mlx_redrafter.fast_math import exp_ops
 from mlx_redrafter.train import native_attention
 
@@ -224,11 +226,11 @@ def installed(model: nn.Module, enabled: bool = True, native: bool = True) -> It
 
     Args:
         model: An mlx-lm ``Model``.
-        enabled: When False, do nothing.
+        enabled: When False, do nothing (nor on a GPU device: :func:`on_cpu`).
         native: Let decode attention use the native kernel (one host sync per layer while
             the graph is built; see :mod:`mlx_redrafter.train.native_attention`).
     """
-    module = sys.modules.get(type(model).__module__) if enabled else None
+    module = sys.modules.get(type(model).__module__) if enabled and on_cpu() else None
     swapped: list[tuple[str, Any]] = []
     replacements = dict(_REPLACEMENTS)
     if not native:

@@ -31,6 +31,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.device import on_cpu
+
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 FLAGS = (
     "-O3",
@@ -129,8 +131,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True when the kernel is compiled and loaded (see the module docstring)."""
-    return _load() is not None
+    """True when the kernel is compiled and loaded (see the module docstring) and MLX
+    computes on the CPU device."""
+    return on_cpu() and _load() is not None
 
 
 def threads() -> int:
