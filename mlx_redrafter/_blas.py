@@ -244,9 +244,7 @@ def set_blas_threads(count: int) -> bool:
     On a CPU shared with other jobs one thread is often several times faster than two
     (an idle BLAS thread spins while its partner is descheduled).
     """
-    import mlx_redrafter
-
-    path = mlx_redrafter.BLAS.path
+    path = ensure_openblas().path  # what ``import mlx_redrafter`` loaded (idempotent)
     if count < 1 or path is None:
         return False
     ctypes.CDLL(path).openblas_set_num_threads(count)

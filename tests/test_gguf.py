@@ -725,12 +725,12 @@ def test_gemma3_import_reproduces_original_logits(tmp_path: Path, gemma3_gguf) -
 
 def test_gemma3_without_norm_offset_differs(tmp_path: Path, gemma3_gguf, monkeypatch) -> None:
     """Negative control: keeping llama.cpp's (1 + w) norms changes the logits."""
-    from convert import gguf as importer
+    from convert import gguf_arch
 
-    plain = importer.Architecture(
-        "gemma3", importer.gemma3_config, importer._GEMMA3_BLOCK, False, 0.0
+    plain = gguf_arch.Architecture(
+        "gemma3", gguf_arch.gemma3_config, gguf_arch._GEMMA3_BLOCK, False, 0.0
     )
-    monkeypatch.setitem(importer.ARCHITECTURES, "gemma3", plain)
+    monkeypatch.setitem(gguf_arch.ARCHITECTURES, "gemma3", plain)
     path, weights = gemma3_gguf
     out = convert_gguf(path, tmp_path / "out", progress=False)
     ref = reference_logits(weights, TINY_GEMMA3, IDS)

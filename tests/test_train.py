@@ -38,13 +38,9 @@ from mlx_redrafter.train.features import (
     StreamingFeatures,
     extraction_groups,
 )
-from mlx_redrafter.train.fit import (
-    STREAMED_SHUFFLE_POOL,
-    FitOptions,
-    Trainer,
-    epoch_batches,
-    trainer_class,
-)
+from mlx_redrafter.train.fit import trainer_class
+from mlx_redrafter.train.fit_data import epoch_batches
+from mlx_redrafter.train.fit_options import STREAMED_SHUFFLE_POOL, FitOptions
 from mlx_redrafter.train.objective import (
     PAD,
     build_position_table,
@@ -53,6 +49,7 @@ from mlx_redrafter.train.objective import (
     sequence_positions,
 )
 from mlx_redrafter.train.score import score, teacher_forced
+from mlx_redrafter.train.trainer import Trainer
 from mlx_redrafter.train.vocab import (
     DraftVocab,
     build_draft_vocab,

@@ -16,16 +16,41 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
-if TYPE_CHECKING:
-    from mlx_redrafter.drafters.redrafter import ReDrafterHead
-
 #: The target's input embedding: a module or any callable ``(W,) int32 -> (W, d)``.
 Embedder = nn.Module | Callable[[mx.array], mx.array]
+
+
+class RecurrentHead(Protocol):
+    """What beam search and the sampled chain use of a recurrent draft head
+    (:class:`~mlx_redrafter.drafters.redrafter.ReDrafterHead` is one): ``K`` outputs
+    (``config.output_size``), a recurrent state of size ``d``."""
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def draft_vocab(self) -> mx.array | None: ...
+
+    def initial_state(self, batch_shape: tuple[int, ...] = ()) -> mx.array:
+        """``s_0`` ``(*batch_shape, d)``."""
+        ...
+
+    def rnn_step(self, state: mx.array, emb: mx.array) -> mx.array:
+        """``s_{t-1}, e(g_{t-1}) -> s_t``, shapes ``(..., d)``."""
+        ...
+
+    def logits(self, h: mx.array, state: mx.array) -> mx.array:
+        """Draft logits ``(..., K)`` from ``h`` ``(..., d)`` and ``s_t`` ``(..., d)``."""
+        ...
+
+    def to_target_ids(self, ids: mx.array) -> mx.array:
+        """Draft ids ``(...)`` in ``[0, K)`` to target ids ``(...)``."""
+        ...
 
 
 @dataclass
@@ -97,7 +122,7 @@ def sorted_top(scores: mx.array, k: int) -> mx.array:
 
 
 def beam_search(
-    head: ReDrafterHead,
+    head: RecurrentHead,
     embedding: Embedder,
     hidden: mx.array,
     root: mx.array,
@@ -160,7 +185,7 @@ class BeamSearcher:
         compile: Set ``False`` to run the search eagerly (for debugging).
     """
 
-    def __init__(self, head: ReDrafterHead, embedding: Embedder, compile: bool = True):
+    def __init__(self, head: RecurrentHead, embedding: Embedder, compile: bool = True):
         self.head = head
         self.embedding = embedding
         self.compile = compile

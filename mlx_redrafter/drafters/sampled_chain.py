@@ -19,19 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from mlx_redrafter.drafters.beam_search import Embedder, compile_with_head
+from mlx_redrafter.drafters.beam_search import Embedder, RecurrentHead, compile_with_head
 from mlx_redrafter.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from mlx_redrafter.drafters.redrafter import ReDrafterHead
 
 
 def sample_chain(
-    head: ReDrafterHead,
+    head: RecurrentHead,
     embedding: Embedder,
     params: SamplingParams,
     hidden: mx.array,
@@ -83,7 +79,7 @@ class ChainSampler:
         compile: Set ``False`` to run eagerly (for debugging).
     """
 
-    def __init__(self, head: ReDrafterHead, embedding: Embedder, compile: bool = True):
+    def __init__(self, head: RecurrentHead, embedding: Embedder, compile: bool = True):
         self.head = head
         self.embedding = embedding
         self.compile = compile

@@ -43,12 +43,12 @@ import numpy as np
 from mlx_redrafter.drafters.beam_search import Embedder, beam_search
 from mlx_redrafter.drafters.redrafter import ReDrafterHead
 from mlx_redrafter.train.objective import (
-    PAD,
     PositionTable,
     depth_logits,
     draft_labels,
     masked_cross_entropy,
 )
+from mlx_redrafter.train.scoring_ops import embed_ids, leading_run
 
 if TYPE_CHECKING:
     from mlx_redrafter.drafters.parallel import ParallelHead
@@ -104,11 +104,6 @@ class EvalResult:
         )
 
 
-def leading_run(correct: np.ndarray) -> np.ndarray:
-    """``(n,)`` number of leading ``True`` entries of each row of ``correct`` ``(n, D)``."""
-    return np.cumprod(correct, axis=1).sum(axis=1)
-
-
 def decode_walks(table: PositionTable, accepted: np.ndarray) -> list[list[int]]:
     """Accepted drafts at each target call of greedy decoding along every sequence.
 
@@ -143,11 +138,6 @@ def decode_tokens_per_step(table: PositionTable, accepted: np.ndarray) -> float:
     walks = decode_walks(table, accepted)
     calls = sum(len(w) for w in walks)
     return (sum(len(w) + sum(w) for w in walks) / calls) if calls else float("nan")
-
-
-def _embed(embedding: Embedder, ids: np.ndarray) -> mx.array:
-    """Embeddings ``(..., d)`` of ``ids`` (``PAD`` read as id 0)."""
-    return embedding(mx.array(np.where(ids == PAD, 0, ids).astype(np.int32)))
 
 
 def _top_ids(logits: mx.array, head: ReDrafterHead | HeadScorer, m: int) -> np.ndarray:
@@ -306,7 +296,7 @@ class ReDrafterScorer:
     def logits(self, rows: np.ndarray) -> mx.array:
         """``(n, L-1, K)`` logits with the true tokens fed to the recurrent state."""
         hidden = mx.array(self.features[rows]).astype(mx.float32)
-        fed = _embed(self.embedding, self.table.windows[rows, :-1]).astype(mx.float32)
+        fed = embed_ids(self.embedding, self.table.windows[rows, :-1]).astype(mx.float32)
         return depth_logits(self.head, hidden, fed)
 
     def to_target_ids(self, ids: mx.array) -> mx.array:

@@ -22,12 +22,9 @@ import numpy as np
 from mlx_redrafter.drafters.beam_search import Embedder
 from mlx_redrafter.drafters.factorized_tree import factorized_tree
 from mlx_redrafter.drafters.parallel import ParallelHead
-from mlx_redrafter.train.evaluate import (
-    _embed,
-    leading_run,
-)
 from mlx_redrafter.train.objective import PositionTable
 from mlx_redrafter.train.parallel_objective import context_rows
+from mlx_redrafter.train.scoring_ops import embed_ids, leading_run
 
 
 def batch_logits(
@@ -40,7 +37,7 @@ def batch_logits(
     """Draft logits ``(B, k, K)`` of table ``rows`` ``(B,)`` from features ``(N, d)``."""
     index, valid = context_rows(table, rows, head.config.context)
     hidden = mx.array(features[index]).astype(mx.float32)
-    root = _embed(embedding, table.windows[rows, 0]).astype(mx.float32)
+    root = embed_ids(embedding, table.windows[rows, 0]).astype(mx.float32)
     return head.logits(hidden, mx.array(valid), root)
 
 

@@ -1,4 +1,4 @@
-"""``fit --head parallel``: the :class:`~mlx_redrafter.train.fit.Trainer` for a parallel head.
+"""``fit --head parallel``: the :class:`~mlx_redrafter.train.trainer.Trainer` for a parallel head.
 
 Same data, position table (``L = k + 1``), feature cache, optimiser, schedule, checkpoints
 and report as ReDrafter's; only the head, its micro-batch inputs (context rows instead of
@@ -16,9 +16,9 @@ import numpy as np
 from mlx_redrafter.drafters.parallel import ParallelConfig, ParallelHead, load_head, save_head
 from mlx_redrafter.drafters.redrafter import embedding_dims
 from mlx_redrafter.train.evaluate import EvalResult, evaluate
-from mlx_redrafter.train.fit import Trainer
 from mlx_redrafter.train.objective import PAD, draft_labels
 from mlx_redrafter.train.parallel_objective import context_rows, parallel_loss_sums
+from mlx_redrafter.train.trainer import Trainer
 from mlx_redrafter.train.vocab import DraftVocab
 
 #: Width of one attention head of the parallel layer (``d / 64`` heads, at least one).
