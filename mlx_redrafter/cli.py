@@ -53,10 +53,8 @@ def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "
         spec = str(DEFAULT_HEAD)
     from mlx_redrafter.drafters import load_drafter
 
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CLIError(f"drafter not found: {path}")
-    return load_drafter(path, model, keep_logprobs=acceptance != "exact")
+    # a directory or a Hub repo id (load_drafter resolves it)
+    return load_drafter(spec, model, keep_logprobs=acceptance != "exact")
 
 
 def with_tree(drafter, tree_nodes: int | None):
