@@ -56,7 +56,8 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     parallel_spec_drafter``, :class:`ParallelDrafter`), a feature-level head
     (``draft_kind: eagle``, :class:`EagleDrafter`) or a published EAGLE-1/2 head
     (SafeAILab's layout, see :mod:`~mlx_redrafter.drafters.published`, also an
-    :class:`EagleDrafter`); ``kwargs`` go to the drafter.
+    :class:`EagleDrafter`); ``kwargs`` go to the drafter (``top_k``: Apple's logit warp
+    of ReDrafter beam search, see :mod:`~mlx_redrafter.drafters.logit_warp`).
     (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
     and :func:`mlx_redrafter.drafters.parallel.load_head`.)
 
@@ -66,6 +67,9 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
             unreadable (one line naming the file or key).
     """
     path = resolve_head(path)
+    top_k = kwargs.pop("top_k", None)
+    if top_k is not None and (top_k < 1 or published_kind(path) or head_kind(path) != "redrafter"):
+        raise ValueError(f"the top-{top_k} warp applies to ReDrafter heads only, with k >= 1")
     published = published_kind(path)
     if published == "eagle":
         head = load_published_eagle(path, target_dims(model))
@@ -78,7 +82,7 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     try:
         if head_kind(path) == "parallel":
             return ParallelDrafter.from_model(model, path, **kwargs)
-        return ReDrafter.from_model(model, path, **kwargs)
+        return ReDrafter.from_model(model, path, top_k=top_k, **kwargs)
     except RuntimeError as e:  # MLX's error for a truncated or corrupt safetensors file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         file = path / REDRAFTER_WEIGHTS
