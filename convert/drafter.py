@@ -30,6 +30,7 @@ from mlx_redrafter.checkpoint_files import (  # noqa: F401  (re-exported)
     load_torch_tensors,
 )
 from mlx_redrafter.drafters.eagle_head import save_head
+from mlx_redrafter.drafters.medusa import load_medusa
 from mlx_redrafter.drafters.published import (
     load_published_eagle,
     looks_like_repo_id,
@@ -150,6 +151,11 @@ def convert_drafter(
         head = load_published_eagle(in_dir, target)
         save_head(out_dir, head, dtype=None if dtype is None else DTYPES[dtype])
         return Path(out_dir)
+    if published == "medusa":
+        if to != "mlx":
+            raise ValueError("a Medusa head converts to the MLX layout only (--to mlx)")
+        target = None if model_dir is None else target_dims(Path(model_dir))
+        return save_medusa(load_medusa(in_dir, target), in_dir, out_dir, dtype)
     if published is not None:
         raise ValueError(f"{in_dir} is a published {published} head, which cannot be converted yet")
     config = read_config(in_dir)
@@ -169,6 +175,24 @@ def convert_drafter(
         dtype=None if dtype is None else DTYPES[dtype],
         metadata_format="pt" if to == "apple" else "mlx",
     )
+
+
+def save_medusa(heads, in_dir: Path, out_dir: str | Path, dtype: str | None) -> Path:
+    """Write Medusa heads as ``config.json`` (the source's) + ``medusa_lm_head.safetensors``
+    (the published names; from a ``.pt`` file too), cast to ``dtype`` when given."""
+    from mlx.utils import tree_flatten
+
+    from mlx_redrafter.drafters.medusa import file_key
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = heads.config.num_layers
+    weights = {file_key(k).format(n=n): v for k, v in tree_flatten(heads.parameters())}
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    mx.save_safetensors(str(out / "medusa_lm_head.safetensors"), weights, {"format": "pt"})
+    (out / CONFIG_FILE).write_text((in_dir / CONFIG_FILE).read_text())
+    return out
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

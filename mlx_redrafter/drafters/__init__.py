@@ -13,6 +13,7 @@ from mlx_redrafter.drafters.combined import CombinedDrafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
 from mlx_redrafter.drafters.eagle import EagleDrafter
 from mlx_redrafter.drafters.eagle_head import is_eagle_dir
+from mlx_redrafter.drafters.medusa import MedusaDrafter
 from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
 from mlx_redrafter.drafters.parallel import ParallelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
@@ -56,7 +57,8 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     parallel_spec_drafter``, :class:`ParallelDrafter`), a feature-level head
     (``draft_kind: eagle``, :class:`EagleDrafter`) or a published EAGLE-1/2 head
     (SafeAILab's layout, see :mod:`~mlx_redrafter.drafters.published`, also an
-    :class:`EagleDrafter`); ``kwargs`` go to the drafter (``top_k``: Apple's logit warp
+    :class:`EagleDrafter`) or a published Medusa-1 head (:class:`MedusaDrafter`,
+    ``medusa_choices`` for a Medusa tree); ``kwargs`` go to the drafter (``top_k``: Apple's logit warp
     of ReDrafter beam search, see :mod:`~mlx_redrafter.drafters.logit_warp`).
     (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
     and :func:`mlx_redrafter.drafters.parallel.load_head`.)
@@ -74,6 +76,8 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     if published == "eagle":
         head = load_published_eagle(path, target_dims(model))
         return EagleDrafter.for_target(model, head, None, kwargs.get("tree_nodes"), path)
+    if published == "medusa":
+        return MedusaDrafter.from_model(model, path, choices=kwargs.get("medusa_choices"))
     if published is not None:
         raise ValueError(f"{path} is a published {published} head, which cannot be loaded yet")
     if head_kind(path) == "eagle":
@@ -118,6 +122,7 @@ __all__ = [
     "DraftContext",
     "DraftModelDrafter",
     "EagleDrafter",
+    "MedusaDrafter",
     "DRAFT_METHODS",
     "Drafter",
     "ParallelDrafter",
