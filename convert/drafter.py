@@ -1,4 +1,6 @@
-"""``python -m convert drafter``: trained ReDrafter heads between Apple / TensorRT-LLM and MLX.
+"""``python -m convert drafter``: trained ReDrafter heads between Apple / TensorRT-LLM and MLX,
+and published EAGLE-1/2 heads (SafeAILab's layout, a local directory or a Hub repo id) to
+MLX feature-level head directories (:mod:`mlx_redrafter.drafters.published`).
 
 Reads a drafter directory in Apple's PyTorch layout (``config.json`` with
 ``model_type: "recurrent_drafting_drafter"`` plus ``model.safetensors``, or ``model.pt`` /
@@ -21,6 +23,20 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_redrafter.checkpoint_files import (  # noqa: F401  (re-exported)
+    TORCH_HINT,
+    MissingTorchError,
+    load_safetensors,
+    load_torch_tensors,
+)
+from mlx_redrafter.drafters.eagle_head import save_head
+from mlx_redrafter.drafters.medusa import load_medusa
+from mlx_redrafter.drafters.published import (
+    load_published_eagle,
+    looks_like_repo_id,
+    published_kind,
+    resolve_head,
+)
 from mlx_redrafter.drafters.redrafter import (
     CONFIG_FILE,
     DTYPES,
@@ -33,45 +49,9 @@ from mlx_redrafter.drafters.redrafter import (
 
 #: Exit code for bad input (as :mod:`convert.cli` uses).
 EXIT_ERROR = 2
-TORCH_HINT = "pip install 'mlx-redrafter[torch]'"
 TORCH_FILES = ("model.pt", "pytorch_model.bin")
 #: TensorRT-LLM spellings of Apple's module names.
 KEY_ALIASES = {"lm_heads.": "lm_head.", "input_projs.": "input_proj."}
-
-
-class MissingTorchError(RuntimeError):
-    """A PyTorch checkpoint was given but torch is not installed."""
-
-
-def _from_torch(tensor: object) -> mx.array:
-    """A CPU torch tensor as an MLX array of the same dtype (bfloat16 through float32)."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return mx.array(tensor.float().numpy()).astype(mx.bfloat16)
-    return mx.array(tensor.numpy())
-
-
-def load_torch_tensors(file: Path) -> dict[str, mx.array]:
-    """Tensors of a ``torch.save``-d state dict (``{"state_dict": ...}`` accepted too).
-
-    Raises:
-        MissingTorchError: torch is not installed (names the ``torch`` extra).
-    """
-    try:
-        import torch
-    except ImportError as e:
-        raise MissingTorchError(
-            f"{file.name} is a PyTorch checkpoint and reading it needs torch: {TORCH_HINT} "
-            "(or save the drafter as model.safetensors)"
-        ) from e
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{file.name} does not hold a state dict")
-    return {str(k): _from_torch(v) for k, v in state.items()}
 
 
 def read_checkpoint_tensors(path: Path) -> dict[str, mx.array]:
@@ -81,7 +61,7 @@ def read_checkpoint_tensors(path: Path) -> dict[str, mx.array]:
     if files:
         tensors: dict[str, mx.array] = {}
         for file in files:
-            tensors.update(mx.load(str(file)))
+            tensors.update(load_safetensors(file))
         return tensors
     for name in TORCH_FILES:
         if (path / name).is_file():
@@ -154,6 +134,8 @@ def convert_drafter(
         ValueError: naming the key or dimension that is missing or does not fit.
         MissingTorchError: a torch checkpoint without torch installed.
     """
+    if not Path(in_dir).is_dir() and looks_like_repo_id(str(in_dir)):
+        in_dir = resolve_head(str(in_dir))
     in_dir = Path(in_dir)
     if not in_dir.is_dir():
         raise ValueError(f"drafter directory {in_dir} does not exist")
@@ -161,6 +143,21 @@ def convert_drafter(
         raise ValueError(f"--to must be 'mlx' or 'apple', got {to!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    published = published_kind(in_dir)
+    if published == "eagle":
+        if to != "mlx":
+            raise ValueError("an EAGLE head converts to the MLX layout only (--to mlx)")
+        target = None if model_dir is None else target_dims(Path(model_dir))
+        head = load_published_eagle(in_dir, target)
+        save_head(out_dir, head, dtype=None if dtype is None else DTYPES[dtype])
+        return Path(out_dir)
+    if published == "medusa":
+        if to != "mlx":
+            raise ValueError("a Medusa head converts to the MLX layout only (--to mlx)")
+        target = None if model_dir is None else target_dims(Path(model_dir))
+        return save_medusa(load_medusa(in_dir, target), in_dir, out_dir, dtype)
+    if published is not None:
+        raise ValueError(f"{in_dir} is a published {published} head, which cannot be converted yet")
     config = read_config(in_dir)
     head = head_from_weights(config, normalize_keys(read_checkpoint_tensors(in_dir)))
     if model_dir is not None:
@@ -180,17 +177,39 @@ def convert_drafter(
     )
 
 
+def save_medusa(heads, in_dir: Path, out_dir: str | Path, dtype: str | None) -> Path:
+    """Write Medusa heads as ``config.json`` (the source's) + ``medusa_lm_head.safetensors``
+    (the published names; from a ``.pt`` file too), cast to ``dtype`` when given."""
+    from mlx.utils import tree_flatten
+
+    from mlx_redrafter.drafters.medusa import file_key
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = heads.config.num_layers
+    weights = {file_key(k).format(n=n): v for k, v in tree_flatten(heads.parameters())}
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    mx.save_safetensors(str(out / "medusa_lm_head.safetensors"), weights, {"format": "pt"})
+    (out / CONFIG_FILE).write_text((in_dir / CONFIG_FILE).read_text())
+    return out
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``drafter`` sub-command (its handler is ``run``, also set as ``handler``)."""
     parser = subparsers.add_parser(
         "drafter",
-        help="convert a trained ReDrafter head (Apple / TensorRT-LLM <-> MLX)",
+        help="convert a trained ReDrafter head (Apple / TensorRT-LLM <-> MLX) or a published "
+        "EAGLE-1/2 head to MLX",
         description=(
             "Convert a trained ReDrafter head: Apple / TensorRT-LLM checkpoints to an MLX "
-            "drafter directory, or (--to apple) back to Apple's layout."
+            "drafter directory, or (--to apple) back to Apple's layout; or a published "
+            "EAGLE-1/2 head (SafeAILab layout) to an MLX feature-level head directory."
         ),
     )
-    parser.add_argument("in_dir", help="drafter directory (config.json + weights)")
+    parser.add_argument(
+        "in_dir", help="drafter directory (config.json + weights) or Hugging Face repo id"
+    )
     parser.add_argument("out_dir", help="output directory")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="output dtype (default: as stored)"

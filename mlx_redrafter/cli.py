@@ -37,8 +37,11 @@ def format_prompt(tokenizer, prompt: str, ignore_chat_template: bool) -> list[in
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "exact"):
-    """Load the drafter named by ``--drafter`` (``none``, ``default`` or a directory)."""
+def resolve_drafter(
+    spec: str, model_arg: str | None, model, acceptance: str = "exact", top_k: int | None = None
+):
+    """Load the drafter named by ``--drafter`` (``none``, ``default``, a directory or a Hub
+    repo id); ``top_k``: ``--draft-top-k`` (Apple's warp of ReDrafter beam search)."""
     if spec == "none":
         return None
     if spec == "default":
@@ -53,10 +56,9 @@ def resolve_drafter(spec: str, model_arg: str | None, model, acceptance: str = "
         spec = str(DEFAULT_HEAD)
     from mlx_redrafter.drafters import load_drafter
 
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CLIError(f"drafter not found: {path}")
-    return load_drafter(path, model, keep_logprobs=acceptance != "exact")
+    # a directory or a Hub repo id (load_drafter resolves it)
+    extra = {} if top_k is None else {"top_k": top_k}
+    return load_drafter(spec, model, keep_logprobs=acceptance != "exact", **extra)
 
 
 def with_tree(drafter, tree_nodes: int | None):
@@ -171,7 +173,8 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     """
     kind = drafter_kind(args)
     if kind == "head":
-        drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance)
+        top_k = getattr(args, "draft_top_k", None)
+        drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance, top_k)
         drafter = with_tree(drafter, getattr(args, "tree_nodes", None))
         from mlx_redrafter.models import weights_dtype
         from mlx_redrafter.profile import setup_key

@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="EAGLE heads: draft a dynamic tree of N nodes, --beam-width children per node",
     )
+    p.add_argument(
+        "--draft-top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ReDrafter heads: beam search renormalises the head's logits over their top K "
+        "(Apple's warp_logits; 50 reproduces Apple's beams for a converted Apple head). "
+        "Default: off (full log-softmax)",
+    )
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
     p.add_argument("--verbose", action="store_true", help="also print the per-token stream details")
     return p

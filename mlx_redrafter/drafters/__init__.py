@@ -13,9 +13,17 @@ from mlx_redrafter.drafters.combined import CombinedDrafter
 from mlx_redrafter.drafters.draft_model import DraftModelDrafter
 from mlx_redrafter.drafters.eagle import EagleDrafter
 from mlx_redrafter.drafters.eagle_head import is_eagle_dir
+from mlx_redrafter.drafters.medusa import MedusaDrafter
 from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
 from mlx_redrafter.drafters.parallel import ParallelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
+from mlx_redrafter.drafters.published import (
+    load_published_eagle,
+    published_kind,
+    resolve_head,
+    target_dims,
+)
+from mlx_redrafter.drafters.redrafter import WEIGHTS_FILE as REDRAFTER_WEIGHTS
 from mlx_redrafter.drafters.redrafter import ReDrafter
 from mlx_redrafter.drafters.slem import SlemDrafter
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
@@ -42,24 +50,49 @@ def head_kind(path: str | Path) -> str:
 
 
 def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
-    """Open a drafter directory for target ``model``, checked against it.
+    """Open a drafter directory (or Hub repo id) for target ``model``, checked against it.
 
     The directory's ``config.json`` names the head: a ReDrafter head (``model_type:
     recurrent_drafting_drafter``, :class:`ReDrafter`), a parallel head (``model_type:
-    parallel_spec_drafter``, :class:`ParallelDrafter`) or a feature-level head
-    (``draft_kind: eagle``, :class:`EagleDrafter`); ``kwargs`` go to the drafter.
+    parallel_spec_drafter``, :class:`ParallelDrafter`), a feature-level head
+    (``draft_kind: eagle``, :class:`EagleDrafter`) or a published EAGLE-1/2 head
+    (SafeAILab's layout, see :mod:`~mlx_redrafter.drafters.published`, also an
+    :class:`EagleDrafter`) or a published Medusa-1 head (:class:`MedusaDrafter`,
+    ``medusa_choices`` for a Medusa tree); ``kwargs`` go to the drafter (``top_k``: Apple's logit warp
+    of ReDrafter beam search, see :mod:`~mlx_redrafter.drafters.logit_warp`).
     (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
     and :func:`mlx_redrafter.drafters.parallel.load_head`.)
+
+    Raises:
+        FileNotFoundError: no such directory (and not a repo id).
+        ValueError: the head does not fit ``model`` or its files are malformed or
+            unreadable (one line naming the file or key).
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"drafter not found: {path}")
+    path = resolve_head(path)
+    top_k = kwargs.pop("top_k", None)
+    if top_k is not None and (top_k < 1 or published_kind(path) or head_kind(path) != "redrafter"):
+        raise ValueError(f"the top-{top_k} warp applies to ReDrafter heads only, with k >= 1")
+    published = published_kind(path)
+    if published == "eagle":
+        head = load_published_eagle(path, target_dims(model))
+        return EagleDrafter.for_target(model, head, None, kwargs.get("tree_nodes"), path)
+    if published == "medusa":
+        return MedusaDrafter.from_model(model, path, choices=kwargs.get("medusa_choices"))
+    if published is not None:
+        raise ValueError(f"{path} is a published {published} head, which cannot be loaded yet")
     if head_kind(path) == "eagle":
         return EagleDrafter.from_model(model, path, tree_nodes=kwargs.get("tree_nodes"))
     kwargs.pop("tree_nodes", None)
-    if head_kind(path) == "parallel":
-        return ParallelDrafter.from_model(model, path, **kwargs)
-    return ReDrafter.from_model(model, path, **kwargs)
+    try:
+        if head_kind(path) == "parallel":
+            return ParallelDrafter.from_model(model, path, **kwargs)
+        return ReDrafter.from_model(model, path, top_k=top_k, **kwargs)
+    except RuntimeError as e:  # MLX's error for a truncated or corrupt safetensors file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        file = path / REDRAFTER_WEIGHTS
+        raise ValueError(
+            f"cannot read weights file {file} (truncated or corrupt?): {reason}"
+        ) from e
 
 
 def draft_model_drafter(
@@ -89,6 +122,7 @@ __all__ = [
     "DraftContext",
     "DraftModelDrafter",
     "EagleDrafter",
+    "MedusaDrafter",
     "DRAFT_METHODS",
     "Drafter",
     "ParallelDrafter",

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_redrafter.drafters.logit_warp import warp_top_k
+
 #: The target's input embedding: a module or any callable ``(W,) int32 -> (W, d)``.
 Embedder = nn.Module | Callable[[mx.array], mx.array]
 
@@ -129,6 +131,7 @@ def beam_search(
     width: int,
     length: int,
     with_logprobs: bool = False,
+    top_k: int | None = None,
 ) -> tuple[mx.array, ...]:
     """The search as a pure MLX graph (what :class:`BeamSearcher` compiles).
 
@@ -140,6 +143,8 @@ def beam_search(
         width: ``W`` beams.
         length: ``L`` tokens per beam including ``g0`` (``L - 1`` head steps).
         with_logprobs: Also return the per-step head log-probabilities.
+        top_k: Apple's warp of the head's logits before the log-softmax
+            (:func:`~mlx_redrafter.drafters.logit_warp.warp_top_k`), or ``None``.
 
     Returns:
         ``(beams (W, L) int32, scores (W,) float32)`` and, with ``with_logprobs``,
@@ -156,7 +161,10 @@ def beam_search(
     logprobs = mx.zeros((width, 0, k), mx.float32)
     for _ in range(length - 1):
         state = head.rnn_step(state, embedding(last))
-        step_lp = nn.log_softmax(head.logits(context, state).astype(mx.float32), axis=-1)
+        logits = head.logits(context, state).astype(mx.float32)
+        if top_k is not None:
+            logits = warp_top_k(logits, top_k)
+        step_lp = nn.log_softmax(logits, axis=-1)
         candidates = (scores[:, None] + step_lp).reshape(-1)
         chosen = sorted_top(candidates, width)
         scores = candidates[chosen]
@@ -183,10 +191,19 @@ class BeamSearcher:
         embedding: The target's input embedding module or a callable ``(W,) -> (W, d)``
             (a plain callable's arrays are captured as constants).
         compile: Set ``False`` to run the search eagerly (for debugging).
+        top_k: Warp the head's logits to their top ``top_k`` before the log-softmax, as
+            Apple's beam search does (``50``); ``None`` (default): no warp.
     """
 
-    def __init__(self, head: RecurrentHead, embedding: Embedder, compile: bool = True):
+    def __init__(
+        self,
+        head: RecurrentHead,
+        embedding: Embedder,
+        compile: bool = True,
+        top_k: int | None = None,
+    ):
         self.head = head
+        self.top_k = top_k
         self.embedding = embedding
         self.compile = compile
         self._functions: dict[tuple[int, int, bool], Callable[..., tuple[mx.array, ...]]] = {}
@@ -204,6 +221,7 @@ class BeamSearcher:
                 width=width,
                 length=length,
                 with_logprobs=with_logprobs,
+                top_k=self.top_k,
             )
             if self.compile:
                 fn = compile_with_head(fn, self.head, self.embedding)

@@ -138,6 +138,21 @@ class EagleDrafter:
     ) -> EagleDrafter:
         """Load the head at ``path`` for target ``model``, checked against it."""
         head, vocab = load_head(path)
+        return cls.for_target(model, head, vocab, tree_nodes=tree_nodes, source=path)
+
+    @classmethod
+    def for_target(
+        cls,
+        model: nn.Module,
+        head: EagleHead,
+        vocab: np.ndarray | None = None,
+        tree_nodes: int | None = None,
+        source: str | Path = "",
+    ) -> EagleDrafter:
+        """A drafter of ``head`` (draft vocabulary ``vocab`` (K,) or ``None``) for target
+        ``model``, checked against it (``source`` names the head in errors); the head is
+        cast to the dtype of the target's LM head."""
+        path = source
         cfg = head.config
         args = getattr(model, "args", None)
         d = int(getattr(args, "hidden_size", 0) or 0)

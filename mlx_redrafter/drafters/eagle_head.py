@@ -41,6 +41,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_redrafter.checkpoint_files import load_safetensors
+
 DRAFT_KIND = "eagle"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -304,36 +306,49 @@ def is_eagle_dir(path: str | Path) -> bool:
         return False
 
 
-def load_head(path: str | Path) -> tuple[EagleHead, np.ndarray | None]:
-    """Read a head directory; returns ``(head, draft vocabulary (K,) or None)``.
+def head_from_weights(
+    config: EagleConfig, weights: dict[str, mx.array], source: str = "eagle head"
+) -> tuple[EagleHead, np.ndarray | None]:
+    """A head from its config and checkpoint tensors (EAGLE-1 names; ``embed_tokens.weight``
+    dropped); returns ``(head, draft vocabulary (K,) or None)``.
 
     Raises:
-        ValueError: The files do not describe a well-formed head (message names the key).
+        ValueError: The tensors do not describe a well-formed head (names ``source`` and
+            the key).
     """
-    path = Path(path)
-    config = EagleConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
-    weights = dict(mx.load(str(path / WEIGHTS_FILE)))
+    weights = dict(weights)
     for key in IGNORED_KEYS:
         weights.pop(key, None)
     vocab = weights.pop(DRAFT_VOCAB_KEY, None)
     if (vocab is None) != (config.draft_vocab_size is None):
-        raise ValueError("eagle head: draft_vocab and draft_vocab_size must come together")
+        raise ValueError(f"{source}: draft_vocab and draft_vocab_size must come together")
     if vocab is not None and vocab.shape != (config.draft_vocab_size,):
         raise ValueError(
-            f"eagle head: draft_vocab has shape {vocab.shape}, "
-            f"expected ({config.draft_vocab_size},)"
+            f"{source}: draft_vocab has shape {vocab.shape}, expected ({config.draft_vocab_size},)"
         )
     head = EagleHead(config)
     expected = dict(tree_flatten(head.parameters()))
     unknown = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))
     if unknown or missing:
-        raise ValueError(f"eagle head: missing weights {missing}, unexpected {unknown}")
+        raise ValueError(f"{source}: missing weights {missing}, unexpected {unknown}")
     for key, value in weights.items():
         if value.shape != expected[key].shape:
             raise ValueError(
-                f"eagle head: {key} has shape {value.shape}, expected {expected[key].shape}"
+                f"{source}: {key} has shape {value.shape}, expected {expected[key].shape}"
             )
     head.load_weights(list(weights.items()))
     head.eval()
     return head, None if vocab is None else np.array(vocab, dtype=np.int32)
+
+
+def load_head(path: str | Path) -> tuple[EagleHead, np.ndarray | None]:
+    """Read a head directory; returns ``(head, draft vocabulary (K,) or None)``.
+
+    Raises:
+        ValueError: The files do not describe a well-formed head (message names the key),
+            or the weights file is unreadable (names the file).
+    """
+    path = Path(path)
+    config = EagleConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
+    return head_from_weights(config, load_safetensors(path / WEIGHTS_FILE))

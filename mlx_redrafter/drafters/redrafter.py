@@ -480,6 +480,9 @@ class ReDrafter:
         sample: Sample the chain when decoding samples with ``W = 1`` (default: unless
             ``keep_logprobs``, whose rule is defined on beam search).
         compile: Compile one beam-search graph per ``(W, L)`` (default).
+        top_k: Beam search renormalises the head's logits over their top ``top_k`` (Apple's
+            ``warp_logits``; ``50`` reproduces Apple's beams and, with ``keep_logprobs``,
+            its log-probabilities); ``None`` (default): the full log-softmax.
 
     Raises:
         ValueError: ``sample`` together with ``keep_logprobs``.
@@ -497,6 +500,7 @@ class ReDrafter:
         keep_logprobs: bool = False,
         sample: bool | None = None,
         compile: bool = True,
+        top_k: int | None = None,
     ):
         if sample and keep_logprobs:
             raise ValueError(
@@ -505,7 +509,7 @@ class ReDrafter:
         self.head = head
         self.keep_logprobs = keep_logprobs
         self.sample = not keep_logprobs if sample is None else sample
-        self.searcher = BeamSearcher(head, embedding, compile=compile)
+        self.searcher = BeamSearcher(head, embedding, compile=compile, top_k=top_k)
         self.sampler = ChainSampler(head, embedding, compile=compile)
         self.last_search: BeamSearchResult | None = None
 
