@@ -154,7 +154,7 @@ def resolve_head(spec: str | Path) -> Path:
         raise FileNotFoundError(f"drafter not found: {path}")
     from huggingface_hub import snapshot_download
 
-    from convert.hf import HUB_ERRORS, hub_error_message
+    from mlx_redrafter.hub import HUB_ERRORS, hub_error_message
 
     try:
         return Path(snapshot_download(str(spec), allow_patterns=HUB_PATTERNS))
