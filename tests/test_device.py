@@ -233,3 +233,25 @@ def test_gguf_imports_pick_a_dtype_that_cannot_overflow(tmp_path, monkeypatch) -
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     assert models.gguf_dtype(llama) == "float16"
     assert models.gguf_dtype(gemma) == "bfloat16"
+
+
+def test_ci_macos_pass_turns_the_linux_pieces_off() -> None:
+    """`.ci/mac` (CI's second pass) fakes macOS in every process: the library's OpenBLAS
+    loader, heap tuning and native kernel stay off; the profile key says Darwin."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import platform, mlx_redrafter\n"
+        "from mlx_redrafter import profile\n"
+        "from mlx_redrafter.train import native_attention\n"
+        "print(platform.system(), mlx_redrafter.BLAS.provider, mlx_redrafter.MALLOC_TUNED,"
+        " native_attention.available(), profile.device_key().split('-')[0])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root / ".ci" / "mac")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Darwin", "None", "False", "False", "Darwin"]
