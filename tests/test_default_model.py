@@ -337,3 +337,28 @@ def test_shipped_heads_decode_the_real_model_losslessly(real_model, head: str) -
     )  # fmt: skip
     assert [r.token for r in spec] == ar
     assert sum(stats.accepted) >= 8, stats.accepted
+
+
+@pytest.mark.real_model
+def test_shipped_head_decodes_the_float16_model_losslessly(real_dir: Path) -> None:
+    """As a Mac loads it: the default model in float16 with the default drafter (shipped
+    ReDrafter head + a prompt-lookup beam); greedy output equals float16 AR."""
+    from mlx_redrafter import engine
+    from mlx_redrafter.cli import DEFAULT_HEAD, with_lookup
+    from mlx_redrafter.drafters import load_drafter
+
+    model, tok = mlx_load(str(real_dir))
+    model.set_dtype(mx.float16)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Name the planets of the solar system."}],
+        add_generation_prompt=True,
+    )
+    ar = [r.token for r in engine.stream_generate(model, tok, prompt, max_tokens=24)]
+    drafter = with_lookup(load_drafter(DEFAULT_HEAD, model), 1, 3)
+    stats = engine.StepStats()
+    spec = engine.stream_generate(
+        model, tok, prompt, max_tokens=24, drafter=drafter, beam_width=1, beam_length=4,
+        stats=stats,
+    )  # fmt: skip
+    assert [r.token for r in spec] == ar
+    assert sum(stats.accepted) >= 4, stats.accepted
