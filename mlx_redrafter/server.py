@@ -221,7 +221,7 @@ class Worker:
         self.lock = threading.Lock()
         limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
         self.context = limit if isinstance(limit, int) and limit > 0 else None
-        self.thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self.thread: threading.Thread | None = None  # the thread that runs :meth:`run`
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` (answered 503 when the server is stopping)."""
@@ -237,9 +237,11 @@ class Worker:
         if job is not None:
             job.cancelled.set()
         self.jobs.put(None)
-        self.thread.join(timeout=60)
+        if self.thread is not None:
+            self.thread.join(timeout=60)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve jobs until :meth:`stop` (in the thread that loaded the model)."""
         while True:
             job = self.jobs.get()
             if job is None:
@@ -602,8 +604,28 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_redrafter.models import ModelLoadError
 
     args = build_parser().parse_args(argv)
+    # MLX streams belong to threads: the model is loaded in the thread that runs it
+    loaded: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def generation() -> None:
+        try:
+            loaded["worker"] = make_worker(args)
+        except (CLIError, ModelLoadError, ValueError, FileNotFoundError) as e:
+            loaded["error"] = e
+        finally:
+            ready.set()
+        if "worker" in loaded:
+            loaded["worker"].run()
+
+    thread = threading.Thread(target=generation, name="generation", daemon=True)
+    thread.start()
+    ready.wait()
     try:
-        worker = make_worker(args)
+        if "error" in loaded:
+            raise loaded["error"]
+        worker = loaded["worker"]
+        worker.thread = thread
         handler = type("BoundHandler", (Handler,), {"worker": worker})
         handler.defaults = (args.max_tokens, args.temp)
         server = Server((args.host, args.port), handler)
@@ -614,7 +636,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker.thread.start()
     serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     serving.start()
     host, port = server.server_address[:2]

@@ -37,10 +37,11 @@ def _free_port() -> int:
 class Running:
     """A server subprocess and helpers to talk to it."""
 
-    def __init__(self, model_dir: Path, *flags: str):
+    def __init__(self, model_dir: Path | None, *flags: str):
         self.port = _free_port()
+        model = [] if model_dir is None else ["--model", str(model_dir)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_redrafter.server", "--model", str(model_dir)]
+            [sys.executable, "-m", "mlx_redrafter.server", *model]
             + ["--port", str(self.port), *flags],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -270,3 +271,25 @@ def test_sigterm_with_a_request_in_flight_exits_cleanly(model_dir):
     assert b"shutting down" in b"".join(lines) or b"finish_reason" in b"".join(lines)
     status = running.proc.stdout.read()
     assert "shutting down" in status
+
+
+@pytest.mark.real_model
+def test_default_model_is_served_speculatively():
+    """No flags: the default model with its shipped head (few tokens)."""
+    try:
+        model, tokenizer = load(None)
+    except Exception as e:  # noqa: BLE001 - the default model could not be had
+        pytest.skip(f"default model not available: {e}")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    want = generate(model, tokenizer, prompt, max_tokens=8)
+    running = Running(None)
+    try:
+        status, reply = running.post(
+            "/v1/chat/completions", {"messages": messages, "max_tokens": 8}
+        )
+    finally:
+        assert running.stop() == 0
+    assert status == 200, reply
+    assert reply["choices"][0]["message"]["content"] == want
+    assert reply["decoding"]["speculative"] and reply["decoding"]["steps"] >= 1
