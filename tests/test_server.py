@@ -293,3 +293,12 @@ def test_default_model_is_served_speculatively():
     assert status == 200, reply
     assert reply["choices"][0]["message"]["content"] == want
     assert reply["decoding"]["speculative"] and reply["decoding"]["steps"] >= 1
+
+
+def test_bad_flags_exit_2_with_one_line(capsys):
+    from mlx_redrafter import server
+
+    assert server.main(["--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --max-tokens must be positive, got 0"
+    ]
