@@ -32,6 +32,12 @@ from mlx_redrafter.engine import (  # noqa: E402
     stream_generate,
 )
 from mlx_redrafter.models import ModelLoadError, load  # noqa: E402
+from mlx_redrafter.prompt_cache import (  # noqa: E402
+    PromptCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+)
 from mlx_redrafter.sampling import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
@@ -46,6 +52,7 @@ __all__ = [
     "Drafter",
     "GenerationResponse",
     "ModelLoadError",
+    "PromptCache",
     "PromptLookupDrafter",
     "ReDrafter",
     "SamplingParams",
@@ -56,5 +63,8 @@ __all__ = [
     "generate",
     "load",
     "load_drafter",
+    "load_prompt_cache",
+    "make_prompt_cache",
+    "save_prompt_cache",
     "stream_generate",
 ]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_redrafter.accept import (
@@ -41,6 +41,7 @@ from mlx_redrafter.accept import (
 from mlx_redrafter.cache import gather_path, set_length
 from mlx_redrafter.drafters.base import Draft, DraftContext, Drafter
 from mlx_redrafter.hidden_window import HiddenWindow
+from mlx_redrafter.prompt_cache import PromptCache
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import Tree, pack
@@ -66,6 +67,8 @@ class GenerationResponse:
         steps: Target forward passes since the prompt (speculative: verification steps).
         acceptance_by_depth: Fraction of steps that accepted at least ``k`` drafted tokens,
             for ``k = 1 .. L-1`` (empty for AR).
+        cached_tokens: Leading tokens of the sequence whose K/V came from the prompt cache
+            (0 without one); the prompt pass read the rest.
     """
 
     text: str
@@ -80,6 +83,7 @@ class GenerationResponse:
     finish_reason: str | None = None
     steps: int = 0
     acceptance_by_depth: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
 
     @property
     def tokens_per_step(self) -> float:
@@ -99,6 +103,8 @@ class StepStats:
             so that ``times`` splits the step into draft / verify / accept / compact;
             otherwise everything runs lazily and only ``times["step"]`` is filled.
         times: Seconds spent per phase.
+        prefill_tokens: Tokens the prompt pass fed to the target.
+        cached_tokens: Leading tokens whose K/V a prompt cache already held.
     """
 
     steps: int = 0
@@ -106,6 +112,8 @@ class StepStats:
     tree_sizes: list[int] = field(default_factory=list)
     profile: bool = False
     times: dict[str, float] = field(default_factory=dict)
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
 
     def acceptance_by_depth(self, depth: int) -> list[float]:
         """Fraction of steps accepting at least k drafts, for k = 1 .. depth."""
@@ -141,15 +149,29 @@ def _ar_step(
 
 
 def ar_tokens(
-    model: nn.Module, prompt: mx.array, params: SamplingParams, max_tokens: int
+    model: nn.Module,
+    prompt: mx.array,
+    params: SamplingParams,
+    max_tokens: int,
+    prompt_cache: PromptCache | None = None,
+    stats: StepStats | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Autoregressive decoding: yields ``(token, logprobs (V,))``, mlx-lm's arithmetic.
 
-    The next step is queued (``mx.async_eval``) before the current token is read, so the
-    host never waits idle between steps.
+    ``prompt`` ``(P,)`` is the whole sequence; with ``prompt_cache`` the K/V it holds for
+    a prefix of it are reused (and it follows the tokens fed). The next step is queued
+    (``mx.async_eval``) before the current token is read, so the host never waits idle
+    between steps.
     """
-    cache = make_prompt_cache(model)
-    _prefill(model, prompt, cache)
+    keep = 0
+    if prompt_cache is None:
+        cache = make_prompt_cache(model)
+    else:
+        keep = _reuse_ar(model, prompt.tolist(), prompt_cache)
+        cache = prompt_cache.cache
+    if stats is not None:
+        stats.cached_tokens, stats.prefill_tokens = keep, prompt.size - keep
+    _prefill(model, prompt[keep:], cache)
     history = prompt
     y, logprobs = _ar_step(model, cache, params, prompt[-1:], history)
     mx.async_eval(y, logprobs)
@@ -159,9 +181,27 @@ def ar_tokens(
             history = mx.concatenate([history, y.astype(history.dtype)])
         next_y, next_logprobs = _ar_step(model, cache, params, y, history)
         mx.async_eval(next_y, next_logprobs)
-        yield y.item(), logprobs
+        token = y.item()
+        if prompt_cache is not None:
+            prompt_cache.held.append(token)  # its K/V are in the cache (lazily)
+        yield token, logprobs
         y, logprobs = next_y, next_logprobs
         n += 1
+
+
+def _reuse_ar(model: nn.Module, sequence: list[int], prompt_cache: PromptCache) -> int:
+    """Rewind ``prompt_cache`` (mlx-lm caches) to its prefix shared with ``sequence``;
+    returns that prefix's length (0: a new cache). Afterwards ``held`` is the sequence,
+    which the prompt pass will read."""
+    keep = prompt_cache.reusable(sequence, "ar")
+    if keep and can_trim_prompt_cache(prompt_cache.cache):
+        trim_prompt_cache(prompt_cache.cache, len(prompt_cache.held) - keep)
+    else:
+        keep = 0
+        prompt_cache.cache, prompt_cache.kind = make_prompt_cache(model), "ar"
+    prompt_cache.held = list(sequence)
+    prompt_cache.drafter = prompt_cache.drafter_state = None
+    return keep
 
 
 def accept(
@@ -222,40 +262,53 @@ def speculative_tokens(
     length: int,
     stats: StepStats,
     rule: str = "exact",
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """Speculative decoding: yields ``(token, from_draft)`` forever (the caller stops).
 
     Args:
         target: The wrapped target model.
         drafter: Any :class:`~mlx_redrafter.drafters.base.Drafter`.
-        prompt: Prompt token ids.
+        prompt: Prompt token ids (the whole sequence, also with a prompt cache).
         params: Sampling parameters (greedy when ``temp == 0``).
         width: Beam width ``W``.
         length: Beam length ``L`` (root included; ``L - 1`` drafted tokens).
         stats: Updated in place.
         rule: ``"exact"`` or ``"redrafter"`` (approximate) when sampling.
+        prompt_cache: Reuse (and keep updating) the K/V it holds for a prefix of
+            ``prompt``, with the drafter's state (:mod:`mlx_redrafter.prompt_cache`).
     """
     if params.logits_processors:
         raise ValueError("logits processors are supported only for AR decoding (--drafter none)")
     pipelined = not getattr(drafter, "needs_host_tokens", False)
     stochastic = bool(getattr(drafter, "stochastic", False))
     completes = callable(getattr(drafter, "complete", None))
-    drafter.reset(prompt)
-    cache = target.make_cache()
     tokens = list(prompt)
     window_size = int(getattr(drafter, "hidden_window", 1))
     primes = callable(getattr(drafter, "prime", None))
-    root, recent = prefill(target, prompt, cache, params, len(prompt) if primes else window_size)
+    if prompt_cache is None:
+        drafter.reset(prompt)
+        keep, cache = 0, target.make_cache()
+    else:
+        keep = _reuse(target, drafter, tokens, window_size, primes, prompt_cache)
+        cache = prompt_cache.cache
+    stats.cached_tokens, stats.prefill_tokens = keep, len(prompt) - keep
+    fresh = prompt[keep:]
+    root, recent = prefill(target, fresh, cache, params, len(fresh) if primes else window_size)
     hidden = recent[-1]
-    # the token after each prompt position: the prompt shifted by one, then the root
-    after = mx.concatenate([mx.array(prompt[1:], dtype=mx.int32), root[None]])
+    # the token after each position read: the prompt shifted by one, then the root
+    after = mx.concatenate([mx.array(prompt[keep + 1 :], dtype=mx.int32), root[None]])
     if primes:
-        drafter.prime(recent, after)
+        if keep:
+            drafter.prime(recent, after, keep)
+        else:
+            drafter.prime(recent, after)
     window = None
     if window_size > 1:
         window = HiddenWindow.start(recent[-window_size:], window_size, after[-window_size:])
     mx.eval(root)
     tokens.append(int(root.item()))
+    _follow(prompt_cache, drafter, tokens)
     yield tokens[-1], False
     position = mx.array(len(tokens) - 1, dtype=mx.int32)
     draft = None
@@ -305,8 +358,54 @@ def speculative_tokens(
         stats.tree_sizes.append(tree.size)
         drafter.accepted(new)
         tokens.extend(new)
+        _follow(prompt_cache, drafter, tokens)
         for i, token in enumerate(new):
             yield token, i < num
+
+
+def _reuse(
+    target: Target,
+    drafter: Drafter,
+    sequence: list[int],
+    window_size: int,
+    primes: bool,
+    prompt_cache: PromptCache,
+) -> int:
+    """Rewind ``prompt_cache`` and the drafter to their prefix shared with ``sequence``;
+    returns its length ``keep`` (the prompt pass reads ``sequence[keep:]``).
+
+    A drafter reading ``C = window_size`` recent states re-reads ``C - 1`` kept tokens;
+    one with ``restore_sequence`` gets its saved state back (it may keep fewer tokens),
+    others are reset (a primed drafter without its state then re-reads everything).
+    """
+    common = prompt_cache.reusable(sequence, "speculative")
+    keep = max(0, common - (window_size - 1))
+    if primes:
+        keep = min(keep, max(common - 1, 0))  # entry i of a primed drafter reads token i + 1
+    restore = getattr(drafter, "restore_sequence", None)
+    state = prompt_cache.drafter_state if prompt_cache.drafter is drafter else None
+    if keep and callable(restore) and state is not None:
+        keep = min(keep, int(restore(state, keep)))
+    else:
+        drafter.reset(sequence)
+        if primes:
+            keep = 0
+    if prompt_cache.kind != "speculative":
+        prompt_cache.cache, prompt_cache.kind = target.make_cache(), "speculative"
+    set_length(prompt_cache.cache, keep)
+    prompt_cache.held = list(sequence)  # the prompt pass reads the rest
+    return keep
+
+
+def _follow(prompt_cache: PromptCache | None, drafter: Drafter, tokens: list[int]) -> None:
+    """After a step: the cache holds the K/V of every token but the root (the last), and
+    the drafter's state is saved next to it."""
+    if prompt_cache is None:
+        return
+    prompt_cache.held.extend(tokens[len(prompt_cache.held) : len(tokens) - 1])
+    save = getattr(drafter, "save_sequence", None)
+    prompt_cache.drafter = drafter
+    prompt_cache.drafter_state = save() if callable(save) else None
 
 
 def _path_next(result: Acceptance) -> mx.array:
@@ -373,6 +472,7 @@ def stream_generate(
     logits_processors: list | None = None,
     acceptance: str = "exact",
     stats: StepStats | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a response token by token, as ``mlx_lm.stream_generate`` does.
 
@@ -396,6 +496,9 @@ def stream_generate(
             for deterministic drafts; drafts sampled by a stochastic drafter (a draft model
             at ``temp > 0``) are always verified by the chain rule.
         stats: Optional :class:`StepStats` to fill (speculative decoding).
+        prompt_cache: A :class:`~mlx_redrafter.prompt_cache.PromptCache`, updated in
+            place: ``prompt`` continues the conversation it holds, and only the tokens
+            its K/V do not cover are prefilled (mlx-lm's ``prompt_cache`` semantics).
     """
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
@@ -411,11 +514,20 @@ def stream_generate(
     prompt_arr = _encode(tokenizer, prompt)
     if prompt_arr.size == 0:
         raise ValueError("the prompt is empty")
+    num_prompt = prompt_arr.size
+    if prompt_cache is not None:
+        if not isinstance(prompt_cache, PromptCache):
+            raise TypeError(
+                "prompt_cache must be an mlx_redrafter PromptCache "
+                f"(mlx_redrafter.prompt_cache.make_prompt_cache), got {type(prompt_cache).__name__}"
+            )
+        prompt_arr = mx.array(prompt_cache.tokens + prompt_arr.tolist(), dtype=mx.int32)
     _check_context(model, prompt_arr.size)
     stats = stats if stats is not None else StepStats()
     if drafter is None:
         tokens = (
-            (token, False, logprobs) for token, logprobs in ar_tokens(model, prompt_arr, params, -1)
+            (token, False, logprobs)
+            for token, logprobs in ar_tokens(model, prompt_arr, params, -1, prompt_cache, stats)
         )
     else:
         if beam_width < 1 or beam_length < 2:
@@ -434,10 +546,15 @@ def stream_generate(
                 beam_length,
                 stats,
                 acceptance,
+                prompt_cache,
             )
         )
+    record = None
+    if prompt_cache is not None:
+        prompt_cache.tokens = prompt_arr.tolist()
+        record = prompt_cache.tokens
     yield from _responses(
-        tokenizer, prompt_arr.size, tokens, max_tokens, stats, beam_length, drafter
+        tokenizer, num_prompt, tokens, max_tokens, stats, beam_length, drafter, record
     )
 
 
@@ -494,6 +611,7 @@ def _response(
         finish_reason=finish_reason,
         steps=steps,
         acceptance_by_depth=stats.acceptance_by_depth(depth),
+        cached_tokens=stats.cached_tokens,
     )
 
 
@@ -505,8 +623,10 @@ def _responses(
     stats: StepStats,
     beam_length: int,
     drafter: Drafter | None,
+    record: list[int] | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Turn a token stream into mlx-lm style responses (detokenising, EOS, max_tokens)."""
+    """Turn a token stream into mlx-lm style responses (detokenising, EOS, max_tokens);
+    every token emitted (an ending EOS included) is appended to ``record`` if given."""
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     depth = beam_length - 1 if drafter is not None else 0
@@ -516,6 +636,8 @@ def _responses(
     for n, (token, from_draft, logprobs) in enumerate(tokens):
         if n == 0:
             clock.first_token()
+        if record is not None:
+            record.append(token)
         if token in tokenizer.eos_token_ids:
             break
         detokenizer.add_token(token)

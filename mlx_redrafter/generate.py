@@ -13,22 +13,23 @@ import sys
 from mlx_redrafter.cli import add_drafter_kind_arguments
 from mlx_redrafter.engine import GenerationResponse, StepStats, generate, stream_generate
 
-__all__ = ["GenerationResponse", "StepStats", "build_parser", "generate", "main", "stream_generate"]
+__all__ = [
+    "GenerationResponse",
+    "StepStats",
+    "add_decoding_arguments",
+    "build_parser",
+    "generate",
+    "main",
+    "stream_generate",
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m mlx_redrafter.generate`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="python -m mlx_redrafter.generate",
-        description="Generate text with lossless speculative decoding (ReDrafter).",
-    )
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, sampling, drafter and beam-shape flags (shared with ``chat`` and ``server``)."""
     p.add_argument(
         "--model",
         default=None,
         help="mlx-lm model dir, .gguf file or hub repo (default: SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--prompt", default="What is the capital of France?", help="prompt text, or - for stdin"
     )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
@@ -36,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument(
         "--drafter",
@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: off (full log-softmax)",
     )
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m mlx_redrafter.generate`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_redrafter.generate",
+        description="Generate text with lossless speculative decoding (ReDrafter).",
+    )
+    add_decoding_arguments(p)
+    p.add_argument(
+        "--prompt", default="What is the capital of France?", help="prompt text, or - for stdin"
+    )
+    p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="also print the per-token stream details")
     return p
 

@@ -113,6 +113,16 @@ class Drafter(Protocol):
     then the root) after the prompt pass (lazy; the feature-level head builds its own
     cache from them).
 
+    ``prime`` may take a third argument ``start``: the states are then those of positions
+    ``start ..`` of a sequence continued from a prompt cache (see below).
+
+    Drafters that keep per-sequence state may follow a prompt cache
+    (:mod:`mlx_redrafter.prompt_cache`) with two optional methods: ``save_sequence()``
+    returns the state (the engine stores it in the cache after every step), and
+    ``restore_sequence(state, length) -> int`` continues that saved sequence when only its
+    first ``length`` tokens are known to be unchanged, returning how many it keeps
+    (``<= length``). Drafters without them are ``reset`` on every call.
+
     An optional method ``complete(draft, context, width, length) -> Draft`` is called by
     the engine right after each step's host synchronisation, with ``context.tokens``
     complete, on the draft :meth:`propose` returned (before the synchronisation, for a

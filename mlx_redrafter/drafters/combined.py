@@ -115,9 +115,12 @@ class CombinedDrafter:
             primed = [d for d, _ in self.members if callable(getattr(d, "prime", None))]
             if primed:
 
-                def prime(hidden: mx.array, next_tokens: mx.array) -> None:
+                def prime(hidden: mx.array, next_tokens: mx.array, start: int = 0) -> None:
                     for drafter in primed:
-                        drafter.prime(hidden, next_tokens)
+                        if start:
+                            drafter.prime(hidden, next_tokens, start)
+                        else:
+                            drafter.prime(hidden, next_tokens)
 
                 return prime
         raise AttributeError(name)
@@ -135,6 +138,26 @@ class CombinedDrafter:
         if self.needs_host_tokens or not any(self._host):
             return draft
         return stack_drafts([draft, *self._propose(context, width, length, True)])
+
+    def save_sequence(self) -> list:
+        """Every member's saved sequence state (``None`` for members without one)."""
+        saved = []
+        for drafter, _ in self.members:
+            save = getattr(drafter, "save_sequence", None)
+            saved.append(save() if callable(save) else None)
+        return saved
+
+    def restore_sequence(self, state: list, length: int) -> int:
+        """Restore every member (reset those without a state); returns the smallest
+        length any member keeps."""
+        keep = length
+        for (drafter, _), saved in zip(self.members, state, strict=True):
+            restore = getattr(drafter, "restore_sequence", None)
+            if callable(restore) and saved is not None:
+                keep = min(keep, int(restore(saved, length)))
+            elif callable(getattr(drafter, "prime", None)):
+                keep = 0  # a primed member without its state reads the sequence again
+        return keep
 
     def accepted(self, tokens: list[int]) -> None:
         """Tell every member what was accepted."""

@@ -166,6 +166,16 @@ class DraftRunner:
         self._agreed = len(tokens) if stable else 0
         return logits
 
+    def snapshot(self) -> tuple[list[Any], list[int], list[mx.array]]:
+        """The cache and its token lists, for a prompt cache (:meth:`reset` makes new ones,
+        so a snapshot is never changed by another sequence)."""
+        return self.cache, self._held, self._pending
+
+    def restore(self, snapshot: tuple[list[Any], list[int], list[mx.array]]) -> None:
+        """Continue from ``snapshot``; the next :meth:`start` rewinds it as far as needed."""
+        self.cache, self._held, self._pending = snapshot
+        self._agreed = 0
+
     def feed(self, token: mx.array) -> mx.array:
         """Append one drafted draft id ``()`` (lazy); ``(V_d,)`` next logits."""
         self._pending.append(token)
@@ -243,6 +253,16 @@ class DraftModelDrafter:
 
     def accepted(self, tokens: list[int]) -> None:
         """Nothing to do: the next :meth:`propose` compares its tokens with the cache."""
+
+    def save_sequence(self) -> tuple:
+        """The draft model's cache, for a prompt cache."""
+        return self.runner.snapshot()
+
+    def restore_sequence(self, state: tuple, length: int) -> int:
+        """Continue a saved sequence (the next proposal rewinds the draft cache to the
+        prefix it shares with the new context)."""
+        self.runner.restore(state)
+        return length
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
         """A ``(1, L)`` chain of target ids after ``context.tokens`` (root last), lazy.

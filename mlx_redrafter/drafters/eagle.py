@@ -211,17 +211,33 @@ class EagleDrafter:
         self.values[:, :, slots] = v
         return q, x
 
-    def prime(self, hidden: mx.array, next_tokens: mx.array) -> None:
-        """The prompt pass: entries for positions ``0 .. P-1`` (lazy).
+    def prime(self, hidden: mx.array, next_tokens: mx.array, start: int = 0) -> None:
+        """The prompt pass: entries for positions ``start .. start+n-1`` (lazy).
 
         Args:
-            hidden: ``(P, d)`` the target's states at every prompt position.
-            next_tokens: ``(P,)`` the token after each (the prompt shifted, then the root).
+            hidden: ``(n, d)`` the target's states at those prompt positions.
+            next_tokens: ``(n,)`` the token after each (the prompt shifted, then the root).
+            start: First position read (``> 0``: the entries below it were restored with
+                :meth:`restore_sequence`).
         """
         n = hidden.shape[0]
-        self._reserve(n)
-        self._write(hidden, next_tokens, mx.arange(n, dtype=mx.int32))
-        self.cached = mx.array(n, dtype=mx.int32)
+        if start == 0:
+            self.cached = mx.array(0, dtype=mx.int32)
+        self._reserve(start + n)
+        self._write(hidden, next_tokens, start + mx.arange(n, dtype=mx.int32))
+        self.cached = mx.array(start + n, dtype=mx.int32)
+
+    def save_sequence(self) -> tuple[mx.array | None, mx.array | None, mx.array]:
+        """The sequence's draft cache ``(keys, values, cached)``, for a prompt cache."""
+        return self.keys, self.values, self.cached
+
+    def restore_sequence(self, state: tuple, length: int) -> int:
+        """Continue a saved sequence whose first ``length + 1`` tokens are unchanged;
+        returns how many positions' entries are kept (``<= length``)."""
+        self.keys, self.values, cached = state
+        keep = min(length, int(cached.item())) if self.keys is not None else 0
+        self.cached = mx.array(keep, dtype=mx.int32)
+        return keep
 
     # -- drafting ----------------------------------------------------------------------
 

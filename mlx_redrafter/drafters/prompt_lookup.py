@@ -128,8 +128,18 @@ class PromptLookupDrafter:
         self._buffer = TokenBuffer()
 
     def reset(self, prompt_tokens: list[int]) -> None:
-        """Start a new sequence."""
-        self._buffer.clear()
+        """Start a new sequence (a new buffer: a prompt cache may keep the old one)."""
+        self._buffer = TokenBuffer()
+
+    def save_sequence(self) -> TokenBuffer:
+        """The sequence's token index, for a prompt cache."""
+        return self._buffer
+
+    def restore_sequence(self, state: TokenBuffer, length: int) -> int:
+        """Continue a saved sequence whose first ``length`` tokens are unchanged."""
+        state.size = min(state.size, length)
+        self._buffer = state
+        return length
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
         """``(W, L)`` beams and their ``valid`` mask from ``context.tokens`` (root last)."""

@@ -91,6 +91,15 @@ class SlemDrafter:
     def accepted(self, tokens: list[int]) -> None:
         """Nothing to do: the next :meth:`propose` re-encodes the extended text."""
 
+    def save_sequence(self) -> tuple:
+        """The draft model's cache, for a prompt cache."""
+        return self.runner.snapshot()
+
+    def restore_sequence(self, state: tuple, length: int) -> int:
+        """Continue a saved sequence (the next proposal rewinds the draft cache)."""
+        self.runner.restore(state)
+        return length
+
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
         """``(1, L)`` target ids re-tokenized from ``L - 1`` drafted tokens, with ``valid``.
 
