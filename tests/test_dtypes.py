@@ -95,15 +95,16 @@ def test_greedy_speculative_equals_ar_in_every_dtype(arch, kind, tokenizer, monk
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["float16", "bfloat16", "q4"])
-def test_sampling_keeps_the_target_law_in_every_dtype(kind):
+@pytest.mark.parametrize(("kind", "count"), [("float16", 700), ("bfloat16", 700), ("q4", 250)])
+def test_sampling_keeps_the_target_law_in_every_dtype(kind, count):
     """The first two tokens' joint law through ``stream_generate`` (head + probable beams)
-    against the law enumerated from the same model in the same dtype."""
+    against the law enumerated from the same model in the same dtype (fewer draws in 4-bit,
+    whose CPU matmuls are ~9x slower here)."""
     setup = Setup(seed=0)
     cast(setup.model, kind)
     params = SETTINGS["plain"]
     drafter = probable_drafter(setup)
-    draws = np.array([engine_tokens(setup, 7000 + i, params, 2, drafter) for i in range(700)])
+    draws = np.array([engine_tokens(setup, 7000 + i, params, 2, drafter) for i in range(count)])
     joint = engine_joint(setup, params)
     p_value, tvd, impossible = goodness_of_fit(draws, joint)
     assert impossible == 0
