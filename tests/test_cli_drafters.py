@@ -49,6 +49,7 @@ def other_tokenizer_dir(tmp_path_factory) -> Path:
         ["--draft-model", "SELF", "--num-draft-tokens", "2"],
         ["--draft-model", "OTHER", "--draft-method", "tli"],
         ["--draft-model", "OTHER", "--draft-method", "slem"],
+        ["--draft-model", "OTHER", "--draft-method", "slrs"],
     ],
 )
 def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):
