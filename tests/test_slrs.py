@@ -98,7 +98,7 @@ def test_walk_equals_brute_force_enumeration(pair, depth):
     context = draft_tok.encode(PROMPT)
     logits = drafter.runner.start(context, stable=False)
     law = slrs.string_law(
-        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, depth
+        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, depth, 0.0
     )
     expected = brute_force_law(draft, context, params, depth)
     np.testing.assert_allclose(law.psi, expected, rtol=1e-4, atol=1e-7)
@@ -119,7 +119,9 @@ def test_walk_with_siblings_seeing_each_other_is_caught(pair, monkeypatch):
     drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=16, depth=2)
     context = draft_tok.encode(PROMPT)
     logits = drafter.runner.start(context, stable=False)
-    law = slrs.string_law(drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, 2)
+    law = slrs.string_law(
+        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, 2, 0.0
+    )
     assert not np.allclose(law.psi, brute_force_law(draft, context, params, 2), rtol=1e-3)
 
 
@@ -231,7 +233,7 @@ def test_sampling_keeps_the_target_law(bigram_pair, broken, monkeypatch):
     target, target_tok, draft, draft_tok = bigram_pair
     if broken:
         monkeypatch.setattr(SlrsDrafter, "_draw", mutant(SlrsDrafter._draw, *ONE_SPELLING))
-    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), depth=3)
+    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), depth=3, min_mass=0)
     params = SamplingParams(temp=1.0)
     prompt = target_tok.encode("abcd")  # the draft's context ends in d: its first row
     draws, from_draft = engine_pairs(target, target_tok, prompt, drafter, params, 300, 100)

@@ -32,8 +32,9 @@ through draft tokens, level by level: level 1 is the draft's next-token distribu
 (terminal tokens add their mass to ``ψ``); the ``width`` most probable open strings are
 expanded, all of a level in one batched tree forward of the draft model (shared prefixes
 are one node; the cache is rewound after it), and so on up to ``depth`` draft tokens per
-target token. Open strings not expanded are dead ends: they belong to the proposal's
-definition (the bound), so ``ψ`` stays the exact law of what is sampled.
+target token. Open strings not expanded (beyond the ``width`` most probable, or less probable than
+``min_mass``) are dead ends: they belong to the proposal's definition (the bound), so
+``ψ`` stays the exact law of what is sampled.
 
 Cost per drafted target token: one host synchronisation, ``depth - 1`` batched draft
 forwards (level ``l`` holds up to ``(l - 1) * width`` nodes), one forward of the chosen
@@ -70,6 +71,9 @@ from mlx_redrafter.tree import Tree
 WIDTH = 8
 #: Draft tokens per drafted target token (levels of the walk).
 DEPTH = 2
+#: Open strings less probable than this are not expanded (a walk forward is skipped when
+#: none is more probable).
+MIN_MASS = 0.01
 
 
 @dataclass
@@ -160,6 +164,7 @@ def string_law(
     vocab_size: int,
     width: int = WIDTH,
     depth: int = DEPTH,
+    min_mass: float = MIN_MASS,
 ) -> StringLaw:
     """The exact proposal ``ψ`` after the runner's cache (module doc).
 
@@ -171,6 +176,7 @@ def string_law(
         vocab_size: ``V``, the target's number of logits.
         width: Open strings expanded per level.
         depth: Draft tokens per target token.
+        min_mass: Open strings less probable than this are dead ends.
     """
     q = np.array(params.probs(logits.astype(mx.float32)), dtype=np.float64)
     law = StringLaw(np.zeros(vocab_size))
@@ -179,7 +185,7 @@ def string_law(
     frontier = _most_probable(
         [
             _Open((int(d),), trie.strings[int(d)], float(q[d]))
-            for d in np.nonzero(trie.root_open & (q > 0))[0]
+            for d in np.nonzero(trie.root_open & (q >= min_mass) & (q > 0))[0]
         ],
         width,
     )
@@ -201,7 +207,7 @@ def string_law(
                 opened += [
                     _Open((*node.path, d), node.string + trie.strings[d], node.mass * row[d])
                     for d in open_ids
-                    if row[d] > 0
+                    if node.mass * row[d] >= min_mass and row[d] > 0
                 ]
         frontier = _most_probable(opened, width)
     return law
@@ -221,6 +227,7 @@ class SlrsDrafter:
         target_size: ``V``, the target's number of logits.
         width: Open strings expanded per level of the walk.
         depth: Draft tokens per drafted target token.
+        min_mass: Open strings less probable than this are not expanded.
 
     Raises:
         VocabularyMismatchError: if no draft token spells a target token.
@@ -239,6 +246,7 @@ class SlrsDrafter:
         *,
         width: int = WIDTH,
         depth: int = DEPTH,
+        min_mass: float = MIN_MASS,
     ):
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be >= 1, got {width} and {depth}")
@@ -251,6 +259,7 @@ class SlrsDrafter:
         self.target_size = target_size
         self.width = width
         self.depth = depth
+        self.min_mass = min_mass
         self.forwards = 0  # batched walk forwards since construction (for measurements)
 
     def reset(self, prompt_tokens: list[int]) -> None:
@@ -275,7 +284,14 @@ class SlrsDrafter:
         drafted, logprobs = [context.tokens[-1]], []
         for j in range(length - 1):
             law = string_law(
-                self.runner, self.trie, logits, params, self.target_size, self.width, self.depth
+                self.runner,
+                self.trie,
+                logits,
+                params,
+                self.target_size,
+                self.width,
+                self.depth,
+                self.min_mass,
             )
             self.forwards += law.forwards
             token, logq = self._draw(law, logits, params)
