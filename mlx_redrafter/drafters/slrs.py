@@ -5,9 +5,10 @@ Timor et al. (ICML 2025), the third lossless heterogeneous-vocabulary method. Th
 model writes text in its own tokens; a drafted *target* token is a string ``s`` the draft
 writes, and its proposal probability ``ψ(s)`` sums the draft's probability over every
 draft-token sequence that spells ``s``. The target verifies it with the ordinary chain
-rule: accept with ``min(1, p(t) / ψ(t))``, on rejection resample from
-``norm(max(0, p - ψ))`` (:func:`mlx_redrafter.accept.accept_chain`), so the output keeps
-the target's law exactly, token for token.
+rule on the normalised proposal ``Q`` (below): accept with ``min(1, p(t) / Q(t))``, on
+rejection resample from ``norm(max(0, p - Q))``
+(:func:`mlx_redrafter.accept.accept_chain`), so the output keeps the target's law
+exactly, token for token.
 
 The proposal, one target token at a time (after the context, and after each drafted
 token the path that spelled it):
@@ -32,12 +33,13 @@ through draft tokens, level by level: level 1 is the draft's next-token distribu
 (terminal tokens add their mass to ``ψ``); the ``width`` most probable open strings are
 expanded, all of a level in one batched tree forward of the draft model (shared prefixes
 are one node; the cache is rewound after it), and so on up to ``depth`` draft tokens per
-target token. Open strings not expanded (beyond the ``width`` most probable, or less probable than
-``min_mass``) are dead ends: they belong to the proposal's definition (the bound), so
+target token. Open strings not expanded (beyond the ``width`` most probable, or less
+probable than ``min_mass``) are dead ends: they belong to the proposal's definition (the bound), so
 ``ψ`` stays the exact law of what is sampled.
 
-Cost per drafted target token: one host synchronisation, ``depth - 1`` batched draft
-forwards (level ``l`` holds up to ``(l - 1) * width`` nodes), one forward of the chosen
+Cost per drafted target token: one host synchronisation, up to ``depth - 1`` batched
+draft forwards (level ``l`` holds up to ``(l - 1) * width`` nodes; none when no open
+string reaches ``min_mass``), one forward of the chosen
 spelling (``<= depth`` tokens), and host work linear in the target tokens that extend the
 expanded strings (cached per string). A step drafting ``K`` tokens costs ``K`` times that,
 plus re-encoding the context (as TLI and SLEM do).
