@@ -362,6 +362,20 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def parse_draft_methods(text: str) -> list[str]:
+    """``"tli,slrs"`` -> ``["tli", "slrs"]`` (each one of :data:`DRAFT_METHODS`)."""
+    from mlx_redrafter.drafters import DRAFT_METHODS
+
+    methods = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in methods if x not in DRAFT_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown draft method {', '.join(unknown) or repr(text)} "
+            f"(one or more of {', '.join(DRAFT_METHODS)})"
+        )
+    return methods
+
+
 def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -> list[Method]:
     """Methods (c) (``--draft-model``: mlx-lm's and ours) and (d) (``--prompt-lookup``)."""
     methods: list[Method] = []
@@ -370,16 +384,14 @@ def model_drafting_methods(args: argparse.Namespace, model, tokenizer, params) -
         from mlx_redrafter.models import load
 
         draft_model, draft_tokenizer = load(args.draft_model, dtype=args.dtype)
-        if args.draft_method == "same":  # mlx-lm needs one vocabulary
-            methods.append(
-                MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
-            )
-        ours = draft_model_drafter(
-            model, draft_model, tokenizer, draft_tokenizer, method=args.draft_method
-        )
-        same = args.draft_method == "same"
-        label = "draft model" if same else f"draft model ({args.draft_method})"
-        methods.append(Ours(model, tokenizer, params, ours, 1, length, label=label))
+        for method in args.draft_method:
+            if method == "same":  # mlx-lm needs one vocabulary
+                methods.append(
+                    MlxLmDraftModel(model, tokenizer, draft_model, args.num_draft_tokens, params)
+                )
+            ours = draft_model_drafter(model, draft_model, tokenizer, draft_tokenizer, method)
+            label = "draft model" if method == "same" else f"draft model ({method})"
+            methods.append(Ours(model, tokenizer, params, ours, 1, length, label=label))
     if args.prompt_lookup:
         lookup = PromptLookupDrafter(ngram=args.ngram)
         methods.append(Ours(model, tokenizer, params, lookup, 1, length, label="prompt lookup"))
@@ -478,9 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-model", default=None, help="draft model for the methods (c)")
     p.add_argument(
         "--draft-method",
-        choices=["same", "tli", "slem"],
-        default="same",
-        help="ours with --draft-model: same tokenizer, token intersection (tli) or slem",
+        type=parse_draft_methods,
+        default=["same"],
+        help="ours with --draft-model: same tokenizer, token intersection (tli), slem or "
+        "slrs; a comma list (tli,slem,slrs) runs each, interleaved",
     )
     p.add_argument("--prompt-lookup", action="store_true", help="add prompt lookup, method (d)")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram")

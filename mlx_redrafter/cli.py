@@ -119,10 +119,11 @@ def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--draft-method",
-        choices=["same", "tli", "slem"],
+        choices=["same", "tli", "slem", "slrs"],
         default="same",
         help="draft model: 'same' tokenizer (default); another tokenizer: 'tli' (drafts the "
-        "tokens both vocabularies share) or 'slem' (drafts text, re-tokenized)",
+        "tokens both vocabularies share), 'slem' (drafts text, re-tokenized) or 'slrs' "
+        "(drafts target tokens as strings, string-level rejection sampling)",
     )
     parser.add_argument(
         "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"

@@ -49,6 +49,7 @@ def other_tokenizer_dir(tmp_path_factory) -> Path:
         ["--draft-model", "SELF", "--num-draft-tokens", "2"],
         ["--draft-model", "OTHER", "--draft-method", "tli"],
         ["--draft-model", "OTHER", "--draft-method", "slem"],
+        ["--draft-model", "OTHER", "--draft-method", "slrs"],
     ],
 )
 def test_cli_drafters_match_ar(tiny_model_dir, other_tokenizer_dir, flags):
@@ -131,3 +132,27 @@ def test_bench_runs_them_as_methods(tiny_model_dir, tmp_path):
     assert rows["draft model W1 L3"]["mismatches"] == 0
     assert rows["prompt lookup W1 L3"]["mismatches"] == 0
     assert rows["draft model W1 L3"]["tokens_per_step"] > 2.5
+
+
+def test_bench_runs_several_draft_methods_interleaved(
+    tiny_model_dir, other_tokenizer_dir, tmp_path
+):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat sat on the mat"}\n')
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--drafter", "none", "--prompts", str(prompts)]
+    argv += ["--max-tokens", "10", "--draft-model", str(other_tokenizer_dir)]
+    argv += ["--draft-method", "tli,slrs", "--num-draft-tokens", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["summary"]}
+    for method in ("draft model (tli) W1 L3", "draft model (slrs) W1 L3"):
+        assert rows[method]["mismatches"] == 0
+
+
+def test_bench_refuses_an_unknown_draft_method(tiny_model_dir, capsys):
+    argv = ["--model", str(tiny_model_dir), "--prompts", "x.jsonl", "--draft-method", "tli,slrx"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "unknown draft method slrx" in err[-1], err

@@ -26,11 +26,14 @@ from mlx_redrafter.drafters.published import (
 from mlx_redrafter.drafters.redrafter import WEIGHTS_FILE as REDRAFTER_WEIGHTS
 from mlx_redrafter.drafters.redrafter import ReDrafter
 from mlx_redrafter.drafters.slem import SlemDrafter
+from mlx_redrafter.drafters.slrs import SlrsDrafter
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
+from mlx_redrafter.target import Target
 
 #: How a draft model proposes (``--draft-method``): one tokenizer, token-level
-#: intersection of two tokenizers, or string-level exact match.
-DRAFT_METHODS = ("same", "tli", "slem")
+#: intersection of two tokenizers, string-level exact match, or string-level rejection
+#: sampling.
+DRAFT_METHODS = ("same", "tli", "slem", "slrs")
 
 
 def head_kind(path: str | Path) -> str:
@@ -101,15 +104,18 @@ def draft_model_drafter(
     target_tokenizer: Any = None,
     draft_tokenizer: Any = None,
     method: str = "same",
-) -> DraftModelDrafter | SlemDrafter:
+) -> DraftModelDrafter | SlemDrafter | SlrsDrafter:
     """A drafter for ``target`` from a draft model, by ``method`` (:data:`DRAFT_METHODS`).
 
     ``"same"`` and ``"tli"``: :meth:`DraftModelDrafter.from_models`; ``"slem"``:
-    :class:`SlemDrafter` (needs both tokenizers).
+    :class:`SlemDrafter`; ``"slrs"``: :class:`SlrsDrafter` (both need both tokenizers).
     """
-    if method == "slem":
+    if method in ("slem", "slrs"):
         if target_tokenizer is None or draft_tokenizer is None:
-            raise ValueError("the slem method needs both tokenizers")
+            raise ValueError(f"the {method} method needs both tokenizers")
+        if method == "slrs":
+            size = Target(target).vocab_size
+            return SlrsDrafter(draft, target_tokenizer, draft_tokenizer, size)
         return SlemDrafter(draft, target_tokenizer, draft_tokenizer)
     return DraftModelDrafter.from_models(
         target, draft, target_tokenizer, draft_tokenizer, method=method
@@ -129,6 +135,7 @@ __all__ = [
     "PromptLookupDrafter",
     "ReDrafter",
     "SlemDrafter",
+    "SlrsDrafter",
     "VocabularyMismatchError",
     "draft_model_drafter",
     "head_kind",

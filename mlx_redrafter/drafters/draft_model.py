@@ -181,6 +181,14 @@ class DraftRunner:
         self._pending.append(token)
         return self.model.forward(token[None], self.cache)[0][-1]
 
+    def extend(self, tokens: list[int]) -> mx.array:
+        """Append draft ids known on the host (non-empty); ``(V_d,)`` logits after the last."""
+        if self._pending:
+            self._held.extend(mx.stack(self._pending).tolist())
+            self._pending = []
+        self._held.extend(tokens)
+        return self.model.forward(mx.array(tokens, dtype=mx.int32), self.cache)[0][-1]
+
 
 class DraftModelDrafter:
     """Drafts a chain of ``K = L - 1`` tokens with an mlx-lm model (module doc).
