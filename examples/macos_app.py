@@ -7,7 +7,10 @@ main thread, e.g. with ``DispatchQueue.main.async`` or ``AppHelper.callAfter``),
 cancel a request at any time: the worker stops streaming at the next token, closes the
 generator (which frees its caches) and goes on with the next request.
 
-All MLX work runs on the worker thread, so the UI never blocks on a forward pass.
+All MLX work runs on the worker thread, so the UI never blocks on a forward pass. The
+worker calls ``mx.clear_streams()`` before it ends: MLX wants each thread that used it to
+free its streams itself, or the process may abort when it exits ("terminate called without
+an active exception").
 
     python examples/macos_app.py [--model DIR] [--drafter DIR|default|none] [--max-tokens N]
 """
@@ -23,6 +26,9 @@ from dataclasses import dataclass, field
 
 import mlx_redrafter  # first: routes MLX's BLAS to OpenBLAS on Linux
 from mlx_redrafter import load, load_drafter, stream_generate
+
+# isort: split
+import mlx.core as mx
 
 
 @dataclass
@@ -92,6 +98,12 @@ class Engine:
         self._thread.join()
 
     def _serve(self, model_path: str | None, drafter_path: str | None) -> None:
+        try:
+            self._load_and_serve(model_path, drafter_path)
+        finally:
+            mx.clear_streams()  # this thread's MLX streams, freed before the process exits
+
+    def _load_and_serve(self, model_path: str | None, drafter_path: str | None) -> None:
         try:
             self.model, self.tokenizer = load(model_path)
             self.drafter = None
