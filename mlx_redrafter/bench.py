@@ -301,7 +301,7 @@ def summarize(
             "mismatches": mismatches,
             "divergences": divergences,
         }
-        if method.name in split and ar_step:
+        if split.get(method.name) and ar_step:  # empty with --profile-prompts 0
             t = split[method.name]
             work = t.get("verify", 0) + t.get("accept", 0) + t.get("compact", 0) + t.get("draft", 0)
             row["time_split_ms"] = {k: 1000 * v for k, v in t.items()}

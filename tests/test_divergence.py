@@ -1,5 +1,7 @@
 """The first divergence from AR and the target's top-two logit gap there, as ``bench`` reports them."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -104,3 +106,16 @@ def test_bench_reports_each_mismatch_with_position_and_gap(greedy_walk, monkeypa
     monkeypatch.setattr(divergence, "first_divergence", late)
     rows, other = _reported(model, tokens, k)
     assert not _report_is_right(rows, other, tokens, gaps, k)
+
+
+def test_bench_lists_no_divergences_for_lossless_methods(tiny_model_dir, head_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat sat on the mat, the cat"}\n{"prompt": "hello"}\n')
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--drafter", str(head_dir), "--prompts", str(prompts)]
+    argv += ["--max-tokens", "10", "--beam-width", "2", "--beam-length", "3"]
+    argv += ["--lookup-beams", "0", "--out", str(out), "--profile-prompts", "0"]
+    assert bench.main(argv) == 0  # also: no profiled pass, no time split
+    rows = json.loads((out / "bench.json").read_text())["summary"]
+    assert len(rows) == 3 and all(r["mismatches"] == 0 for r in rows)
+    assert all(r["divergences"] == [] and "time_split_ms" not in r for r in rows)
