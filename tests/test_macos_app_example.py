@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_model_dir
 
-from mlx_redrafter import generate, load
+# mlx_redrafter.generate is the CLI submodule once that is imported: take the function from engine
+from mlx_redrafter import load
+from mlx_redrafter.engine import generate
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "macos_app.py"
 PROMPTS = ["the cat", "hello world 123", "a b c d"]
