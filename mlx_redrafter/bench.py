@@ -13,7 +13,8 @@ prompt to prompt) so that machine drift cancels out of the ratios:
 Reported per method: generation tokens/s (median, min, max), the speedup over (a) as the
 median of per-prompt ratios, tokens per step, acceptance by depth, the step's time split
 (one extra profiled pass with a host sync per phase), peak memory, and, at temperature 0,
-the number of outputs that differ from (a)'s (must be 0). ``--tune`` measures this device's
+the number of outputs that differ from (a)'s, each with its first divergent token and the
+target's top-two logit gap there (:mod:`mlx_redrafter.divergence`). ``--tune`` measures this device's
 verification and drafting costs, predicts the best beam shape, confirms it by measurement
 and saves a profile that ``generate`` uses by default.
 """
@@ -36,6 +37,7 @@ from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
 from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, with_lookup
+from mlx_redrafter.divergence import divergence_report
 from mlx_redrafter.drafters import (
     EagleDrafter,
     ParallelDrafter,
@@ -230,8 +232,20 @@ def profile_runs(
     return split
 
 
-def summarize(runs: list[Run], methods: list[Method], greedy: bool, split: dict) -> list[dict]:
-    """Per-method statistics (speedups are medians of per-prompt ratios against (a))."""
+def summarize(
+    runs: list[Run],
+    methods: list[Method],
+    greedy: bool,
+    split: dict,
+    model=None,
+    prompts: list[list[int]] | None = None,
+) -> list[dict]:
+    """Per-method statistics (speedups are medians of per-prompt ratios against (a)).
+
+    At temperature 0 with ``model`` and ``prompts`` given, each output that differs from
+    (a)'s is listed under ``divergences`` with its prompt, first divergent position and
+    the target's top-two logit gap there (:func:`~mlx_redrafter.divergence.divergence_report`).
+    """
     by = {}
     for run in runs:
         by.setdefault(run.method, {}).setdefault(run.prompt, []).append(run)
@@ -257,10 +271,17 @@ def summarize(runs: list[Run], methods: list[Method], greedy: bool, split: dict)
         )
         sizes = [s for r in all_runs for s in r.tree_sizes]
         mismatches = 0
+        divergences = []
         if greedy:
             for p, rs in per_prompt.items():
                 want = by[base_name][p][0].tokens
                 mismatches += sum(r.tokens != want for r in rs)
+                if model is None or prompts is None:
+                    continue
+                for r in rs:
+                    found = divergence_report(model, prompts[p], want, r.tokens)
+                    if found is not None:
+                        divergences.append({"prompt": p, **found})
         row = {
             "method": method.name,
             "tps_median": statistics.median(tps) if tps else 0.0,
@@ -278,8 +299,9 @@ def summarize(runs: list[Run], methods: list[Method], greedy: bool, split: dict)
             "mean_tree_size": float(np.mean(sizes)) if sizes else 1.0,
             "peak_gb": max((r.peak_gb for r in all_runs), default=0.0),
             "mismatches": mismatches,
+            "divergences": divergences,
         }
-        if method.name in split and ar_step:
+        if split.get(method.name) and ar_step:  # empty with --profile-prompts 0
             t = split[method.name]
             work = t.get("verify", 0) + t.get("accept", 0) + t.get("compact", 0) + t.get("draft", 0)
             row["time_split_ms"] = {k: 1000 * v for k, v in t.items()}
@@ -322,6 +344,19 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['tokens_per_step']:.2f} | {bound} | {r['peak_gb']:.2f} | {r['mismatches']} |"
         )
     return "\n".join(lines)
+
+
+def divergence_line(row: dict) -> str | None:
+    """``method: N mismatches; first divergence at prompt p token t (AR logit gap g), ...``,
+    or ``None`` when the row has no divergences."""
+    found = row.get("divergences") or []
+    if not found:
+        return None
+    each = ", ".join(
+        f"prompt {d['prompt']} token {d['position']} (AR logit gap {d['ar_logit_gap']:.4g})"
+        for d in found
+    )
+    return f"{row['method']}: {row['mismatches']} mismatches; first divergence at {each}"
 
 
 def write_plots(out: Path, rows: list[dict], categories: dict) -> list[Path]:
@@ -585,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     runs = run_interleaved(methods, prompts, categories, args.max_tokens, args.repeats, args.seed)
     split = profile_runs(methods, prompts[: args.profile_prompts], args.max_tokens)
-    rows = summarize(runs, methods, params.greedy, split)
+    rows = summarize(runs, methods, params.greedy, split, model, prompts)
     cats = by_category(runs, methods)
     table = markdown_table(rows)
     meta = {
@@ -616,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         if "time_split_ms" in row:
             split_text = ", ".join(f"{k} {v:.1f} ms" for k, v in row["time_split_ms"].items())
             print(f"{row['method']}: step split {split_text}; bound {row['bound']:.2f}x")
+    for row in rows:
+        line = divergence_line(row)
+        if line:
+            print(line)
     return 0
 
 
