@@ -10,6 +10,7 @@ Linux pass uses, loaded by this file (not by the library) before MLX: without it
 pass would run on MLX's reference BLAS, 30-60x slower, and take hours.
 """
 
+import contextlib
 import importlib.util
 import os
 import platform
@@ -25,9 +26,8 @@ _spec.loader.exec_module(_blas)
 os.environ.setdefault(_blas.ENV_THREAD_TIMEOUT, _blas.THREAD_TIMEOUT)
 _blas._try_providers()
 
-try:  # imported with the real answer: on "Darwin" it would load macOS's Security framework
+# imported with the real answer: on "Darwin" it would load macOS's Security framework
+with contextlib.suppress(ImportError):
     import truststore  # noqa: F401
-except ImportError:
-    pass
 
 platform.system = lambda: "Darwin"
