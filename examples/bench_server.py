@@ -24,6 +24,9 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mt_bench.jsonl"
 
 
+BASELINE = "import mlx_redrafter; from mlx_lm.server import main; main()"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +45,7 @@ def start(command: list[str], port: int) -> subprocess.Popen:
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"{command[2]} did not start")
+    raise RuntimeError(f"{' '.join(command[:3])} did not start")
 
 
 def chat(port: int, messages: list[dict], max_tokens: int) -> tuple[str, float, float]:
@@ -93,7 +96,9 @@ def main() -> int:
         "mlx-redrafter": [sys.executable, "-m", "mlx_redrafter.server"]
         + (["--model", model] if args.model else [])
         + ["--port", str(ports["mlx-redrafter"])],
-        "mlx_lm.server": [sys.executable, "-m", "mlx_lm.server", "--model", model]
+        # the same BLAS for both: importing mlx_redrafter first loads the fast CPU GEMM
+        # (see mlx_redrafter/_blas.py), which a bare ``python -m mlx_lm.server`` would not
+        "mlx_lm.server": [sys.executable, "-c", BASELINE, "--model", model]
         + ["--port", str(ports["mlx_lm.server"])],
     }
     # a SIGTERM to this script still stops both servers (the finally below)
@@ -102,6 +107,7 @@ def main() -> int:
     rows = [json.loads(line) for line in DATA.read_text().splitlines()][: args.conversations]
     ttft: dict[str, list[float]] = {name: [] for name in ports}
     tps: dict[str, list[float]] = {name: [] for name in ports}
+    texts: dict[str, list[str]] = {name: [] for name in ports}
     try:
         for i, row in enumerate(rows):
             order = list(ports) if i % 2 == 0 else list(ports)[::-1]
@@ -114,6 +120,7 @@ def main() -> int:
                 ]
                 text, first, rest = chat(ports[name], messages, args.max_tokens)
                 count = len(tokenizer.encode(text, add_special_tokens=False))
+                texts[name].append(reply + "\x00" + text)
                 ttft[name].append(first)
                 tps[name].append((count - 1) / rest if rest > 0 and count > 1 else 0.0)
             print(f"conversation {i + 1}/{len(rows)} done", file=sys.stderr, flush=True)
@@ -122,6 +129,8 @@ def main() -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     print(f"{len(rows)} MT-Bench conversations, greedy, max_tokens {args.max_tokens}, {model}")
+    same = sum(a == b for a, b in zip(*texts.values()))
+    print(f"identical two-turn texts: {same}/{len(rows)}")
     for name in ports:
         print(f"{name:14s} turn-2 TTFT s {spread(ttft[name])}  gen tok/s {spread(tps[name])}")
     return 0
