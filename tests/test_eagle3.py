@@ -453,3 +453,80 @@ def test_generate_with_an_eagle3_dir_prints_ar_text(model_dir, tmp_path, capsys)
     code, spec, _ = _generate(model_dir, str(head), capsys)
     ar_code, ar, _ = _generate(model_dir, "none", capsys)
     assert code == ar_code == 0 and spec == ar
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampled_first_tokens(monkeypatch, tmp_path: Path, broken_residual: bool) -> dict:
+    """:func:`test_eagle_sampling.fit` of the first three tokens ``stream_generate`` emits
+    at T = 1 with an EAGLE-3 chain (reduced, permuted draft vocabulary) steered close to
+    the target's law, as ``test_eagle_sampling`` does for EAGLE-1."""
+    import test_eagle_sampling as es
+    from test_exact_sampling import PROMPT, VOCAB, Setup
+
+    from mlx_redrafter import accept
+    from mlx_redrafter.engine import stream_generate
+
+    class DeepSetup(Setup):
+        def __init__(self):
+            self.model = tiny_model(
+                "llama", seed=0, scale=2.5, vocab_size=VOCAB, num_hidden_layers=LAYERS
+            )
+
+    class CloseEagle3(es.CloseEagle):
+        def __init__(self, model, law, path: Path):
+            loaded = load_drafter(path, model)
+            vocab = np.array(loaded.vocab)
+            EagleDrafter.__init__(
+                self, loaded.head, None, loaded.embed, vocab, feature_layers=loaded.feature_layers
+            )
+            self.head = es.SteeredHead(loaded.head, self._steer)
+            self.law = law
+            rng = np.random.default_rng(7)
+            self.bias = mx.array((es.BIAS * rng.standard_normal(vocab.size)).astype(np.float32))
+            self.sampled = self.proposals = 0
+
+    if broken_residual:
+        from mutants import walk_mutant
+
+        monkeypatch.setattr(accept, "_compiled_walk", walk_mutant("sampled_residual_is_p"))
+    setup = DeepSetup()
+    law = es.Law(setup)
+    raw = eagle3_config(DT, vocab=VOCAB, k=es.REDUCED.size)
+    ids = np.random.default_rng(2).permutation(es.REDUCED)
+    drafter = CloseEagle3(
+        setup.model, law, write(tmp_path / "h", raw, eagle3_weights(raw, ids, 3, False))
+    )
+    tok = TokenizerWrapper(byte_tokenizer())
+    tok.eos_token_ids = {10**6}
+    params = es.SETTINGS["plain"]
+    draws = []
+    for i in range(es.DRAWS):
+        mx.random.seed(60000 + i)
+        responses = stream_generate(
+            setup.model,
+            tok,
+            PROMPT,
+            max_tokens=3,
+            sampler=params,
+            drafter=drafter,
+            beam_width=1,
+            beam_length=es.LENGTH,
+        )
+        draws.append([r.token for r in responses])
+    assert drafter.sampled == drafter.proposals > 0
+    return es.fit(np.array(draws), law.joint(params))
+
+
+@pytest.mark.slow
+def test_sampled_chain_keeps_the_target_law(monkeypatch, tmp_path):
+    result = sampled_first_tokens(monkeypatch, tmp_path, broken_residual=False)
+    for p_value, _, impossible in result.values():
+        assert impossible == 0 and p_value > 1e-3, result
+
+
+@pytest.mark.slow
+def test_a_broken_residual_fails_the_sampling_test(monkeypatch, tmp_path):
+    result = sampled_first_tokens(monkeypatch, tmp_path, broken_residual=True)
+    assert min(p for p, _, _ in result.values()) < 1e-3, result
