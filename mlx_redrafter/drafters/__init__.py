@@ -79,6 +79,9 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     if top_k is not None and (top_k < 1 or published_kind(path) or head_kind(path) != "redrafter"):
         raise ValueError(f"the top-{top_k} warp applies to ReDrafter heads only, with k >= 1")
     published = published_kind(path)
+    choices = kwargs.pop("medusa_choices", None)
+    if choices is not None and published != "medusa":
+        raise ValueError(f"medusa_choices apply to Medusa heads only; {path} is not one")
     if published == "eagle":
         head = load_published_eagle(path, target_dims(model))
         return EagleDrafter.for_target(model, head, None, kwargs.get("tree_nodes"), path)
@@ -87,7 +90,7 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
         head, ids = load_published_eagle3(path, shape)
         return EagleDrafter.for_target(model, head, ids, kwargs.get("tree_nodes"), path)
     if published == "medusa":
-        return MedusaDrafter.from_model(model, path, choices=kwargs.get("medusa_choices"))
+        return MedusaDrafter.from_model(model, path, choices=choices)
     if head_kind(path) == "eagle":
         return EagleDrafter.from_model(model, path, tree_nodes=kwargs.get("tree_nodes"))
     kwargs.pop("tree_nodes", None)
