@@ -365,6 +365,30 @@ def test_greedy_equals_ar(arch, tokenizer, monkeypatch):
     assert min(per_step) > 1.0, per_step
 
 
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "q4"])
+def test_greedy_equals_ar_on_half_and_4bit_targets(kind, tokenizer, monkeypatch):
+    """The head is cast to the target's dtype (float16 for 4-bit: its scales'); output is
+    AR's (4-bit: up to a float16 tie, see ``test_dtypes``)."""
+    from test_dtypes import assert_lossless, cast
+
+    monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})
+    model = cast(target("llama", seed=3, scale=2.0), kind)
+    prompt = _prompts(5, V, 2)[1]
+    ar = _tokens(model, tokenizer, prompt, 24)
+    published = load_drafter(_RANDOM_DIRS[False], model, tree_nodes=6)
+    want = mx.float16 if kind == "q4" else getattr(mx, kind)
+    assert published.head.fc.weight.dtype == want == published.dtype
+    accepted = 0
+    for drafter in (published, Oracle3.of(published, prompt + ar)):
+        stats = gen.StepStats()
+        out = _tokens(
+            model, tokenizer, prompt, 24, drafter=drafter, beam_width=3, beam_length=5, stats=stats
+        )
+        assert_lossless(model, kind, prompt, ar, out, f"{kind} {type(drafter).__name__}")
+        accepted = sum(stats.accepted)
+    assert accepted > 24 // 3
+
+
 def test_second_turn_on_a_prompt_cache_equals_a_fresh_run(tokenizer, monkeypatch):
     from test_prompt_cache import Recorder, _run, _turns
 
