@@ -22,6 +22,13 @@ One step, all lazy (drawn before the engine's host synchronisation):
    parent), one beam per node (the engine's packing merges shared prefixes).
 
 The target's prompt pass gives every prompt position's state to :meth:`prime`.
+
+The head is either an :class:`~.eagle_head.EagleHead` (EAGLE-1/2, features: the target's
+final-norm output) or an :class:`~.eagle3_head.Eagle3Head` (features: the target's
+residual streams at the inputs of the layers in :attr:`EagleDrafter.feature_layers`; the
+engine asks :class:`~mlx_redrafter.target.Target` for them); both go through
+``head.inputs`` (residual and attention input of an entry), ``head.layer`` and
+``head.logits``.
 """
 
 from __future__ import annotations
