@@ -311,12 +311,16 @@ def _layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
 def _install_layer_taps(model: nn.Module, taps: tuple[int, ...] | None) -> list[_LayerInputTap]:
     """Shadow the model's layer list so the inputs of layers ``taps`` are recorded (in
     that order); ``None`` removes a shadow a previous call installed."""
-    owner, name = _layers_owner(model)
-    current = vars(owner).get(name)
-    if not taps:
-        if isinstance(current, _TappedLayers):
+    if not taps:  # a shadow a previous call installed goes; no layer list is no error
+        try:
+            owner, name = _layers_owner(model)
+        except UnsupportedModelError:
+            return []
+        if isinstance(vars(owner).get(name), _TappedLayers):
             del vars(owner)[name]
         return []
+    owner, name = _layers_owner(model)
+    current = vars(owner).get(name)
     layers = owner[name]
     outside = [i for i in taps if not 0 <= i < len(layers)]
     if outside:
