@@ -32,7 +32,9 @@ from mlx_redrafter.checkpoint_files import (  # noqa: F401  (re-exported)
 from mlx_redrafter.drafters.eagle_head import save_head
 from mlx_redrafter.drafters.medusa import load_medusa
 from mlx_redrafter.drafters.published import (
+    is_eagle3_dir,
     load_published_eagle,
+    load_published_eagle3,
     looks_like_repo_id,
     published_kind,
     resolve_head,
@@ -98,20 +100,22 @@ def normalize_keys(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def target_dims(model_dir: Path) -> tuple[int, int]:
-    """``(vocab_size, hidden_size)`` of a target model directory, from its ``config.json``."""
+def target_dims(model_dir: Path, layers: bool = False) -> tuple[int, ...]:
+    """``(vocab_size, hidden_size)`` of a target model directory, from its ``config.json``
+    (and ``num_hidden_layers`` third when ``layers``)."""
     file = Path(model_dir) / CONFIG_FILE
     if not file.is_file():
         raise ValueError(f"--model: no {CONFIG_FILE} in {model_dir}")
     raw = json.loads(file.read_text())
     text = raw.get("text_config", {})
     dims = []
-    for key in ("vocab_size", "hidden_size"):
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers")[: 3 if layers else 2]
+    for key in keys:
         value = raw.get(key, text.get(key))
         if not isinstance(value, int):
             raise ValueError(f"--model: {file} has no integer '{key}'")
         dims.append(value)
-    return dims[0], dims[1]
+    return tuple(dims)
 
 
 def convert_drafter(
@@ -151,13 +155,16 @@ def convert_drafter(
         head = load_published_eagle(in_dir, target)
         save_head(out_dir, head, dtype=None if dtype is None else DTYPES[dtype])
         return Path(out_dir)
+    if published == "eagle3" or is_eagle3_dir(in_dir):
+        if to != "mlx":
+            raise ValueError("an EAGLE-3 head converts to the MLX layout only (--to mlx)")
+        target = None if model_dir is None else target_dims(Path(model_dir), layers=True)
+        return save_eagle3(in_dir, out_dir, dtype, target)
     if published == "medusa":
         if to != "mlx":
             raise ValueError("a Medusa head converts to the MLX layout only (--to mlx)")
         target = None if model_dir is None else target_dims(Path(model_dir))
         return save_medusa(load_medusa(in_dir, target), in_dir, out_dir, dtype)
-    if published is not None:
-        raise ValueError(f"{in_dir} is a published {published} head, which cannot be converted yet")
     config = read_config(in_dir)
     head = head_from_weights(config, normalize_keys(read_checkpoint_tensors(in_dir)))
     if model_dir is not None:
@@ -175,6 +182,32 @@ def convert_drafter(
         dtype=None if dtype is None else DTYPES[dtype],
         metadata_format="pt" if to == "apple" else "mlx",
     )
+
+
+def save_eagle3(
+    in_dir: Path, out_dir: str | Path, dtype: str | None, target: tuple[int, ...] | None
+) -> Path:
+    """Check an EAGLE-3 head (against ``target`` ``(V, d, L)`` when given) and write it as
+    ``config.json`` (the source's plus ``"draft_kind": "eagle3"``) + ``model.safetensors``
+    (the published names, ``d2t`` / ``t2d`` kept; floats cast to ``dtype`` when given)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_redrafter.drafters.eagle3_head import DRAFT_KIND
+    from mlx_redrafter.drafters.published import D2T_KEY, T2D_KEY, read_eagle_weights
+
+    head, ids = load_published_eagle3(in_dir, target)  # every check
+    _, raw_weights = read_eagle_weights(in_dir)
+    weights = dict(tree_flatten(head.parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    weights[D2T_KEY] = raw_weights[D2T_KEY]
+    weights[T2D_KEY] = raw_weights[T2D_KEY]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / WEIGHTS_FILE), weights, {"format": "mlx"})
+    config = json.loads((in_dir / CONFIG_FILE).read_text()) | {"draft_kind": DRAFT_KIND}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def save_medusa(heads, in_dir: Path, out_dir: str | Path, dtype: str | None) -> Path:
@@ -200,11 +233,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "drafter",
         help="convert a trained ReDrafter head (Apple / TensorRT-LLM <-> MLX) or a published "
-        "EAGLE-1/2 head to MLX",
+        "EAGLE-1/2 / EAGLE-3 head to MLX",
         description=(
             "Convert a trained ReDrafter head: Apple / TensorRT-LLM checkpoints to an MLX "
             "drafter directory, or (--to apple) back to Apple's layout; or a published "
-            "EAGLE-1/2 head (SafeAILab layout) to an MLX feature-level head directory."
+            "EAGLE-1/2 or EAGLE-3 head (SafeAILab layout) to an MLX feature-level head directory."
         ),
     )
     parser.add_argument(

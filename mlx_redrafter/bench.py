@@ -516,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="EAGLE heads: dynamic trees of N nodes, W children per node (0 = beams)",
     )
     p.add_argument(
+        "--medusa-choices",
+        default=None,
+        metavar="JSON|FILE",
+        help="Medusa heads: the tree as a JSON list of paths of top-k ranks per head, e.g. "
+        "'[[0],[0,0],[1]]', or a JSON file holding one (default: beams over the heads)",
+    )
+    p.add_argument(
         "--sampled-draft",
         choices=["on", "off", "both"],
         default="on",
@@ -563,17 +570,21 @@ def main(argv: list[str] | None = None) -> int:
     explore_wide = args.beam_width is None
     if explore_wide:
         args.beam_width = list(DEFAULT_WIDTHS)
-    from mlx_redrafter.cli import CLIError, resolve_drafter
+    from mlx_redrafter.cli import CLIError, parse_medusa_choices, resolve_drafter
     from mlx_redrafter.models import ModelLoadError, load
 
     try:
+        choices = parse_medusa_choices(args.medusa_choices)
         model, tokenizer = load(args.model, dtype=args.dtype)
         specs = [spec.strip() for spec in args.drafter.split(",") if spec.strip()]
         if len(specs) != len(set(specs)):
             raise ValueError(f"--drafter: a head is named twice in {args.drafter!r}")
         if args.tune and len(specs) != 1:
             raise ValueError("--tune: give one --drafter")
-        heads = [(s, resolve_drafter(s, args.model, model, args.acceptance)) for s in specs]
+        heads = [
+            (s, resolve_drafter(s, args.model, model, args.acceptance, medusa_choices=choices))
+            for s in specs
+        ]
         heads = [(s, h) for s, h in heads if h is not None]
         drafter = heads[0][1] if heads else None
         items: list[Prompt] = balanced_subset(load_prompts(args.prompts), args.num_prompts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,11 +38,57 @@ def format_prompt(tokenizer, prompt: str, ignore_chat_template: bool) -> list[in
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def parse_medusa_choices(value: str | None) -> list[list[int]] | None:
+    """``--medusa-choices``: a JSON list of paths of ranks (``'[[0],[0,0],[1]]'``) or the
+    path of a JSON file holding one; ``None`` when not given.
+
+    Raises:
+        CLIError: unreadable file, invalid JSON, or not a non-empty list of non-empty lists
+            of integers >= 0 (one line saying which).
+    """
+    if value is None:
+        return None
+    text, source = value, "--medusa-choices"
+    file = Path(value).expanduser()
+    if not value.lstrip().startswith("[") and file.is_file():
+        try:
+            text, source = file.read_text(), f"--medusa-choices file {file}"
+        except OSError as e:
+            raise CLIError(f"--medusa-choices: cannot read {file}: {e.strerror}") from e
+    try:
+        choices = json.loads(text)
+    except ValueError as e:
+        hint = "" if value.lstrip().startswith("[") else " (nor an existing file)"
+        raise CLIError(f"{source} is not valid JSON{hint}: {e}") from e
+    good = (
+        isinstance(choices, list)
+        and choices
+        and all(
+            isinstance(path, list)
+            and path
+            and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path)
+            for path in choices
+        )
+    )
+    if not good:
+        raise CLIError(
+            f"{source} must be a non-empty JSON list of non-empty lists of ranks >= 0, "
+            "e.g. [[0],[0,0],[1]]"
+        )
+    return choices
+
+
 def resolve_drafter(
-    spec: str, model_arg: str | None, model, acceptance: str = "exact", top_k: int | None = None
+    spec: str,
+    model_arg: str | None,
+    model,
+    acceptance: str = "exact",
+    top_k: int | None = None,
+    medusa_choices: list[list[int]] | None = None,
 ):
     """Load the drafter named by ``--drafter`` (``none``, ``default``, a directory or a Hub
-    repo id); ``top_k``: ``--draft-top-k`` (Apple's warp of ReDrafter beam search)."""
+    repo id); ``top_k``: ``--draft-top-k`` (Apple's warp of ReDrafter beam search);
+    ``medusa_choices``: ``--medusa-choices`` (a Medusa head's tree)."""
     if spec == "none":
         return None
     if spec == "default":
@@ -58,6 +105,8 @@ def resolve_drafter(
 
     # a directory or a Hub repo id (load_drafter resolves it)
     extra = {} if top_k is None else {"top_k": top_k}
+    if medusa_choices is not None:
+        extra["medusa_choices"] = medusa_choices
     return load_drafter(spec, model, keep_logprobs=acceptance != "exact", **extra)
 
 
@@ -156,6 +205,9 @@ def drafter_kind(args: argparse.Namespace) -> str:
             raise CLIError(f"--{kind} takes --num-draft-tokens K, not --beam-length")
     elif args.num_draft_tokens is not None:
         raise CLIError("--num-draft-tokens needs --prompt-lookup or --draft-model")
+    if kind != "head" and getattr(args, "medusa_choices", None) is not None:
+        raise CLIError("--medusa-choices needs a Medusa head (--drafter DIR)")
+    parse_medusa_choices(getattr(args, "medusa_choices", None))
     if kind != "head" and getattr(args, "lookup_beams", None) is not None:
         raise CLIError("--lookup-beams adds prompt lookup to a draft head (--drafter)")
     if kind != "draft-model" and args.draft_method != "same":
@@ -175,7 +227,10 @@ def build_drafter(args: argparse.Namespace, model, tokenizer, acceptance: str = 
     kind = drafter_kind(args)
     if kind == "head":
         top_k = getattr(args, "draft_top_k", None)
-        drafter = resolve_drafter(args.drafter or "default", args.model, model, acceptance, top_k)
+        choices = parse_medusa_choices(getattr(args, "medusa_choices", None))
+        drafter = resolve_drafter(
+            args.drafter or "default", args.model, model, acceptance, top_k, choices
+        )
         drafter = with_tree(drafter, getattr(args, "tree_nodes", None))
         from mlx_redrafter.models import weights_dtype
         from mlx_redrafter.profile import setup_key

@@ -534,7 +534,7 @@ def stream_generate(
             raise ValueError("beam_width must be >= 1 and beam_length >= 2")
         if acceptance not in ("exact", "redrafter"):
             raise ValueError(f"unknown acceptance rule {acceptance!r} (exact or redrafter)")
-        target = Target(model)
+        target = Target(model, taps=getattr(drafter, "feature_layers", None))
         tokens = (
             (token, from_draft, None)
             for token, from_draft in speculative_tokens(

@@ -18,7 +18,11 @@ offset per batch row).
 
 The final hidden state (output of the final norm, input of the LM head) is recorded by a
 :class:`_HiddenTap` shadowing the final norm; logits come from the model's own
-``__call__``, so logit soft-capping and tied heads stay the model's.
+``__call__``, so logit soft-capping and tied heads stay the model's. A drafter that reads
+the residual stream at the inputs of some layers (EAGLE-3) asks for ``taps``: the model's
+list of layers is then shadowed by a copy whose tapped entries are
+:class:`_LayerInputTap` wrappers recording their input, and the features the target
+returns are those inputs concatenated (without taps nothing is wrapped).
 
 Shadowing sets a plain instance attribute (``object.__setattr__``) on the owning module.
 Attribute lookup finds it before the module's dict entry, while the module tree (the
@@ -55,6 +59,13 @@ EMBED_PATHS: tuple[tuple[str, ...], ...] = (
     ("language_model", "model", "embed_tokens"),
     ("embed_tokens",),
 )
+#: Attribute paths (from the ``Model``) tried, in order, for the list of decoder layers.
+LAYER_PATHS: tuple[tuple[str, ...], ...] = (
+    ("model", "layers"),
+    ("language_model", "model", "layers"),
+    ("transformer", "h"),
+    ("layers",),
+)
 #: Positions used to check that a rope module accepts per-token positions.
 _PROBE_POSITIONS = (5, 2, 9, 0)
 
@@ -84,6 +95,39 @@ class _HiddenTap:
         if name == "norm":
             raise AttributeError(name)
         return getattr(self.norm, name)
+
+
+class _LayerInputTap:
+    """Calls a decoder layer and keeps its last input (the pre-norm residual stream).
+
+    Attributes:
+        layer: The model's layer module.
+        hidden: ``(B, n, d)`` input of the last call (``None`` before the first call).
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.hidden: mx.array | None = None
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> Any:
+        """Record ``x`` ``(B, n, d)`` and run the layer on it."""
+        self.hidden = x
+        return self.layer(x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
+
+class _TappedLayers(list):
+    """The model's layers with the ``taps`` entries wrapped in :class:`_LayerInputTap`."""
+
+    def __init__(self, layers: list, taps: tuple[int, ...]):
+        self.taps = tuple(taps)
+        wrapped = {i: _LayerInputTap(layers[i]) for i in sorted(set(self.taps))}
+        super().__init__(wrapped.get(i, layer) for i, layer in enumerate(layers))
+        self.wrappers = [wrapped[i] for i in self.taps]
 
 
 def _is_per_token(x: mx.array, offset: Any) -> bool:
@@ -251,6 +295,45 @@ def _install_tap(model: nn.Module) -> _HiddenTap:
     return tap
 
 
+def _layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(owner, attribute)`` of the model's list of decoder layers."""
+    for path in LAYER_PATHS:
+        owner = model
+        for name in path[:-1]:
+            owner = owner.get(name) if isinstance(owner, dict) else None
+        if isinstance(owner, nn.Module) and isinstance(owner.get(path[-1]), list):
+            return owner, path[-1]
+    raise UnsupportedModelError(
+        "no list of layers found (looked for " + ", ".join(".".join(p) for p in LAYER_PATHS) + ")"
+    )
+
+
+def _install_layer_taps(model: nn.Module, taps: tuple[int, ...] | None) -> list[_LayerInputTap]:
+    """Shadow the model's layer list so the inputs of layers ``taps`` are recorded (in
+    that order); ``None`` removes a shadow a previous call installed."""
+    if not taps:  # a shadow a previous call installed goes; no layer list is no error
+        try:
+            owner, name = _layers_owner(model)
+        except UnsupportedModelError:
+            return []
+        if isinstance(vars(owner).get(name), _TappedLayers):
+            del vars(owner)[name]
+        return []
+    owner, name = _layers_owner(model)
+    current = vars(owner).get(name)
+    layers = owner[name]
+    outside = [i for i in taps if not 0 <= i < len(layers)]
+    if outside:
+        raise UnsupportedModelError(
+            f"the target has {len(layers)} layers; cannot read the inputs of layers {outside}"
+        )
+    if isinstance(current, _TappedLayers) and current.taps == tuple(taps):
+        return current.wrappers
+    shadow = _TappedLayers(layers, tuple(taps))
+    _shadow(owner, name, shadow)
+    return shadow.wrappers
+
+
 def _probe_dims(rope: Any, owner: nn.Module) -> int:
     """Head dimension to probe ``rope`` with."""
     for source, attr in ((rope, "dims"), (rope, "dim"), (owner, "head_dim")):
@@ -330,6 +413,12 @@ class Target:
     Construction shadows the final norm and the rope modules of ``model`` in place (see
     the module docstring); the model computes exactly what it did before.
 
+    Args:
+        model: The mlx-lm model.
+        taps: Layers whose inputs are the features :meth:`forward` and
+            :meth:`tree_forward` return, concatenated in this order (``(n, len(taps) d)``);
+            ``None``: the final norm's output ``(n, d)``.
+
     Attributes:
         model: The wrapped mlx-lm model.
         windows: Per-layer sliding window (``None`` = full attention) enforced in masks.
@@ -337,9 +426,11 @@ class Target:
         vocab_size: ``V``, number of logits.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, taps: tuple[int, ...] | None = None):
         self.model = model
-        layers = list(model.layers)
+        layers = [
+            layer.layer if isinstance(layer, _LayerInputTap) else layer for layer in model.layers
+        ]
         self.windows = _layer_windows(model, len(layers))
         found = _find(model, EMBED_PATHS)
         if found is None:
@@ -347,6 +438,7 @@ class Target:
         self._embedding = found[0][found[1]]
         self._tap = _install_tap(model)
         _install_ropes(layers)
+        self._layer_taps = _install_layer_taps(model, taps)
         args = getattr(model, "args", None)
         hidden = getattr(args, "hidden_size", None) or self._tap.norm.weight.shape[-1]
         vocab = getattr(args, "vocab_size", None) or self._embedding.weight.shape[0]
@@ -361,11 +453,18 @@ class Target:
         """Input embedding rows ``(..., d)`` of ``ids`` ``(...)`` (no model-specific scaling)."""
         return self._embedding(ids)
 
+    def _features(self) -> mx.array:
+        """``(1, n, d)`` final-norm output, or ``(1, n, len(taps) d)`` tapped inputs."""
+        if not self._layer_taps:
+            return self._tap.hidden
+        return mx.concatenate([tap.hidden for tap in self._layer_taps], axis=-1)
+
     def forward(self, tokens: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array]:
         """Causal forward of ``tokens`` ``(1, n)`` (or ``(n,)``), appended to ``cache``.
 
         Returns:
-            ``(logits (n, V), hidden (n, d))``, ``hidden`` being the final-norm output.
+            ``(logits (n, V), hidden (n, d))``, ``hidden`` being the final-norm output (the
+            tapped layer inputs ``(n, len(taps) d)`` with ``taps``).
         """
         tokens = tokens.reshape(1, -1)
         views = [
@@ -373,7 +472,7 @@ class Target:
             for c, window in zip(cache, self.windows, strict=True)
         ]
         logits = self.model(tokens, cache=views)
-        return logits[0], self._tap.hidden[0]
+        return logits[0], self._features()[0]
 
     def tree_forward(self, tree: Tree, cache: list[Any]) -> tuple[mx.array, mx.array]:
         """Forward the ``N`` nodes of ``tree`` after the ``T`` tokens in ``cache``.
@@ -392,7 +491,7 @@ class Target:
         ]
         tokens = mx.array(tree.tokens)[None]
         logits = self.model(tokens, cache=views)
-        return logits[0], self._tap.hidden[0]
+        return logits[0], self._features()[0]
 
 
 def _common_offset(cache: list[Any]) -> int:

@@ -257,3 +257,79 @@ def test_mismatched_and_malformed_heads_are_refused(tmp_path):
     with pytest.raises(ValueError, match="needs 5 Medusa heads"):
         load_drafter(tmp_path / "ok", model).propose(_context(np.zeros(64, np.float32), 1), 1, 6)
     assert lm_head_rows(model, None).shape == (96, 64)
+
+
+# ----------------------------------------------------------------------------- CLI flag
+
+
+def _cli(main, model_dir: Path, extra: list[str], capsys) -> tuple[int, str, str]:
+    code = main(["--model", str(model_dir), "--max-tokens", "12", *extra])
+    out, err = capsys.readouterr()
+    return code, out.split("\nPrompt: ")[0], err
+
+
+@pytest.fixture
+def medusa_dir(tiny_model_dir, tmp_path) -> Path:
+    target = json.loads((tiny_model_dir / "config.json").read_text())
+    write_medusa(tmp_path / "medusa", target["hidden_size"], target["vocab_size"], False, 3)
+    return tmp_path / "medusa"
+
+
+def test_medusa_choices_flag_drafts_the_tree(
+    tiny_model_dir, medusa_dir, tmp_path, capsys, monkeypatch
+):
+    """``--medusa-choices`` as JSON text and as a file reaches the drafter (its tree is
+    drafted, each choice a beam) and the text is AR's."""
+    from mlx_redrafter.generate import main as generate_main
+
+    trees = []
+    tree = MedusaDrafter._tree
+
+    def recording(self, lp, root, depth):
+        draft = tree(self, lp, root, depth)
+        trees.append(int(draft.beams.shape[0]))
+        return draft
+
+    monkeypatch.setattr(MedusaDrafter, "_tree", recording)
+    (tmp_path / "choices.json").write_text(json.dumps(CHOICES))
+    code, ar, _ = _cli(generate_main, tiny_model_dir, ["--drafter", "none"], capsys)
+    assert code == 0 and not trees
+    for value, beams in (("[[0],[0,0],[1]]", 3), (str(tmp_path / "choices.json"), 8)):
+        flags = ["--drafter", str(medusa_dir), "--beam-length", "4", "--medusa-choices", value]
+        code, out, err = _cli(generate_main, tiny_model_dir, flags, capsys)
+        assert code == 0 and out == ar, err
+        assert trees and set(trees) == {beams}  # CHOICES: 8 paths fit 3 ranks
+        trees.clear()
+
+
+@pytest.mark.parametrize(
+    "value, named",
+    [
+        ("[[0],[-1]]", "ranks >= 0"),
+        ("[]", "non-empty JSON list"),
+        ('[[0], "a"]', "lists of ranks"),
+        ("[[0],", "not valid JSON"),
+        ("choices.json", "nor an existing file"),
+        ("[[0, 0, 0, 0, 0]]", "no medusa_choices path fits beam length 4"),
+    ],
+)
+def test_bad_medusa_choices_are_one_line(value, named, tiny_model_dir, medusa_dir, capsys):
+    from mlx_redrafter.generate import main as generate_main
+
+    flags = ["--drafter", str(medusa_dir), "--beam-length", "4", "--medusa-choices", value]
+    code, _, err = _cli(generate_main, tiny_model_dir, flags, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and named in lines[0], err
+
+
+def test_medusa_choices_need_a_medusa_head(tiny_model_dir, head_dir, capsys):
+    from mlx_redrafter.bench import main as bench_main
+    from mlx_redrafter.generate import main as generate_main
+
+    flags = ["--drafter", str(head_dir), "--medusa-choices", "[[0]]"]
+    code, _, err = _cli(generate_main, tiny_model_dir, flags, capsys)
+    assert code == 2 and "Medusa heads only" in err and len(err.strip().splitlines()) == 1
+    bench = ["--model", str(tiny_model_dir), "--prompts", "unused.jsonl", *flags[:2]]
+    code = bench_main([*bench, "--medusa-choices", "[[0],"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not valid JSON" in err[0]

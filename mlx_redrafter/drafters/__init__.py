@@ -18,7 +18,9 @@ from mlx_redrafter.drafters.parallel import MODEL_TYPE as PARALLEL_MODEL_TYPE
 from mlx_redrafter.drafters.parallel import ParallelDrafter
 from mlx_redrafter.drafters.prompt_lookup import PromptLookupDrafter
 from mlx_redrafter.drafters.published import (
+    is_eagle3_dir,
     load_published_eagle,
+    load_published_eagle3,
     published_kind,
     resolve_head,
     target_dims,
@@ -60,7 +62,8 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     parallel_spec_drafter``, :class:`ParallelDrafter`), a feature-level head
     (``draft_kind: eagle``, :class:`EagleDrafter`) or a published EAGLE-1/2 head
     (SafeAILab's layout, see :mod:`~mlx_redrafter.drafters.published`, also an
-    :class:`EagleDrafter`) or a published Medusa-1 head (:class:`MedusaDrafter`,
+    :class:`EagleDrafter`), a published or converted EAGLE-3 head (an :class:`EagleDrafter`
+    reading three target layers) or a published Medusa-1 head (:class:`MedusaDrafter`,
     ``medusa_choices`` for a Medusa tree); ``kwargs`` go to the drafter (``top_k``: Apple's logit warp
     of ReDrafter beam search, see :mod:`~mlx_redrafter.drafters.logit_warp`).
     (The head modules' own loaders are :func:`mlx_redrafter.drafters.redrafter.load_drafter`
@@ -76,13 +79,18 @@ def load_drafter(path: str | Path, model: nn.Module, **kwargs) -> Drafter:
     if top_k is not None and (top_k < 1 or published_kind(path) or head_kind(path) != "redrafter"):
         raise ValueError(f"the top-{top_k} warp applies to ReDrafter heads only, with k >= 1")
     published = published_kind(path)
+    choices = kwargs.pop("medusa_choices", None)
+    if choices is not None and published != "medusa":
+        raise ValueError(f"medusa_choices apply to Medusa heads only; {path} is not one")
     if published == "eagle":
         head = load_published_eagle(path, target_dims(model))
         return EagleDrafter.for_target(model, head, None, kwargs.get("tree_nodes"), path)
+    if is_eagle3_dir(path):
+        shape = (*target_dims(model), len(model.layers))
+        head, ids = load_published_eagle3(path, shape)
+        return EagleDrafter.for_target(model, head, ids, kwargs.get("tree_nodes"), path)
     if published == "medusa":
-        return MedusaDrafter.from_model(model, path, choices=kwargs.get("medusa_choices"))
-    if published is not None:
-        raise ValueError(f"{path} is a published {published} head, which cannot be loaded yet")
+        return MedusaDrafter.from_model(model, path, choices=choices)
     if head_kind(path) == "eagle":
         return EagleDrafter.from_model(model, path, tree_nodes=kwargs.get("tree_nodes"))
     kwargs.pop("tree_nodes", None)

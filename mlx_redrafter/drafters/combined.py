@@ -88,6 +88,11 @@ class CombinedDrafter:
         self.needs_host_tokens = all(self._host)
         #: Recent hidden states the members ask for (the largest window).
         self.hidden_window = max(int(getattr(d, "hidden_window", 1)) for d in members)
+        taps = {getattr(d, "feature_layers", None) for d in members} - {None}
+        if len(taps) > 1:
+            raise ValueError(f"members read different target layers: {sorted(taps)}")
+        #: Target layers whose inputs the members read (see ``Target(taps=...)``).
+        self.feature_layers = taps.pop() if taps else None
 
     @property
     def members(self) -> list[tuple[Drafter, int | None]]:

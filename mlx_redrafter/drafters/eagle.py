@@ -22,6 +22,13 @@ One step, all lazy (drawn before the engine's host synchronisation):
    parent), one beam per node (the engine's packing merges shared prefixes).
 
 The target's prompt pass gives every prompt position's state to :meth:`prime`.
+
+The head is either an :class:`~.eagle_head.EagleHead` (EAGLE-1/2, features: the target's
+final-norm output) or an :class:`~.eagle3_head.Eagle3Head` (features: the target's
+residual streams at the inputs of the layers in :attr:`EagleDrafter.feature_layers`; the
+engine asks :class:`~mlx_redrafter.target.Target` for them); both go through
+``head.inputs`` (residual and attention input of an entry), ``head.layer`` and
+``head.logits``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
+from mlx_redrafter.drafters.eagle3_head import Eagle3Head, tap_layers
 from mlx_redrafter.drafters.eagle_head import EagleHead, load_head
 from mlx_redrafter.drafters.redrafter import find_input_embedding
 from mlx_redrafter.drafters.sampled_chain import to_target_space
@@ -75,6 +83,18 @@ def lm_head_rows(model: nn.Module, ids: np.ndarray | None) -> mx.array:
     return weight
 
 
+def head_dtype(model: nn.Module) -> mx.Dtype:
+    """The float dtype of ``model``'s LM head (of its scales when quantized; float32 when
+    neither is a float), which a feature-level head is cast to."""
+    table = getattr(model, "lm_head", None)
+    if table is None:
+        table = getattr(getattr(model, "model", model), "embed_tokens", None)
+    weight = getattr(table, "scales", None)
+    weight = getattr(table, "weight", None) if weight is None else weight
+    floats = (mx.float32, mx.float16, mx.bfloat16)
+    return weight.dtype if weight is not None and weight.dtype in floats else mx.float32
+
+
 @dataclass(frozen=True)
 class Candidates:
     """Every node a growing pass created (lazy), over depths ``1 .. D``.
@@ -96,8 +116,9 @@ class EagleDrafter:
     """Drafts with a feature-level head for ``model`` (see the module docstring).
 
     Args:
-        head: The head.
-        rows: ``(K, d)`` the target's LM-head rows of the draft vocabulary.
+        head: The head (:class:`EagleHead` or :class:`~.eagle3_head.Eagle3Head`).
+        rows: ``(K, d)`` the target's LM-head rows of the draft vocabulary, or ``None``
+            for a head with its own output layer.
         embed: The target's input embedding (ids -> ``(..., d)``).
         draft_vocab: ``(K,)`` target ids of the draft vocabulary, or ``None`` (``K = V``).
         tree_nodes: ``N`` for an EAGLE-2 dynamic tree (``W`` is then the children expanded
@@ -106,6 +127,10 @@ class EagleDrafter:
         sample: When sampling (``temp > 0``) with ``W = 1`` and no tree, draw the chain from
             the head under the target's transforms (verified with ``min(1, p/q)``);
             otherwise drafts are deterministic (the exact walk verifies them either way).
+        feature_layers: Target layers whose inputs (pre-norm residual streams,
+            concatenated) are the features the head reads (EAGLE-3); ``None``: the
+            target's final-norm output. The engine passes it to
+            :class:`~mlx_redrafter.target.Target` as ``taps``.
     """
 
     stochastic = False
@@ -114,16 +139,19 @@ class EagleDrafter:
     def __init__(
         self,
         head: EagleHead,
-        rows: mx.array,
+        rows: mx.array | None,
         embed,
         draft_vocab: np.ndarray | None = None,
         tree_nodes: int | None = None,
         window: int = DEFAULT_WINDOW,
         sample: bool = True,
+        feature_layers: tuple[int, ...] | None = None,
     ):
         self.sample = sample
         self.head = head
         self.rows = rows
+        self.dtype = rows.dtype if rows is not None else head.fc.weight.dtype
+        self.feature_layers = feature_layers
         self.embed = embed
         self.vocab = None if draft_vocab is None else mx.array(draft_vocab.astype(np.int32))
         self.tree_nodes = tree_nodes
@@ -144,29 +172,48 @@ class EagleDrafter:
     def for_target(
         cls,
         model: nn.Module,
-        head: EagleHead,
+        head: EagleHead | Eagle3Head,
         vocab: np.ndarray | None = None,
         tree_nodes: int | None = None,
         source: str | Path = "",
     ) -> EagleDrafter:
         """A drafter of ``head`` (draft vocabulary ``vocab`` (K,) or ``None``) for target
         ``model``, checked against it (``source`` names the head in errors); the head is
-        cast to the dtype of the target's LM head."""
+        cast to the dtype of the target's LM head. An EAGLE-3 head reads the target
+        layers :func:`~.eagle3_head.tap_layers` names and, without its own embedding,
+        embeds with the target's (then its width must be the target's).
+
+        Raises:
+            VocabularyMismatchError: hidden size or vocabulary differ (both named).
+            ValueError: too few target layers for EAGLE-3's taps.
+        """
         path = source
         cfg = head.config
+        reads = int(getattr(cfg, "target_hidden_size", cfg.hidden_size))
         args = getattr(model, "args", None)
         d = int(getattr(args, "hidden_size", 0) or 0)
         v = int(getattr(args, "vocab_size", 0) or 0)
-        if (d, v) != (cfg.hidden_size, cfg.vocab_size):
+        if (d, v) != (reads, cfg.vocab_size):
             raise VocabularyMismatchError(
-                f"eagle head {path} was made for hidden size {cfg.hidden_size} and vocabulary "
+                f"eagle head {path} was made for hidden size {reads} and vocabulary "
                 f"{cfg.vocab_size}; the target has hidden size {d} and vocabulary {v}"
             )
+        layers = None
         embed = find_input_embedding(model)
-        rows = lm_head_rows(model, vocab)
-        dtype = rows.dtype if rows.dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
+        if isinstance(head, Eagle3Head):
+            layers = tap_layers(len(model.layers))
+            if cfg.has_embedding:
+                embed = head.embed_tokens
+            elif cfg.hidden_size != d:
+                raise VocabularyMismatchError(
+                    f"eagle3 head {path} has width {cfg.hidden_size} and no embed_tokens; "
+                    f"the target's embedding has width {d}"
+                )
+        rows = None if cfg.own_head else lm_head_rows(model, vocab)
+        dtype = head_dtype(model)
         head.set_dtype(dtype)
-        return cls(head, rows.astype(dtype), embed, vocab, tree_nodes=tree_nodes)
+        rows = None if rows is None else rows.astype(dtype)
+        return cls(head, rows, embed, vocab, tree_nodes=tree_nodes, feature_layers=layers)
 
     def with_tree(self, tree_nodes: int | None) -> EagleDrafter:
         """The same head drafting dynamic trees of ``tree_nodes`` (``None``: beams)."""
@@ -189,7 +236,7 @@ class EagleDrafter:
         if bound + 1 <= capacity:
             return
         new = (bound + 1 + CACHE_STEP - 1) // CACHE_STEP * CACHE_STEP
-        dtype = self.rows.dtype
+        dtype = self.dtype
         grow = mx.zeros((*self._shape[:2], new - capacity, self._shape[3]), dtype=dtype)
         if self.keys is None:
             # two buffers: item assignment writes in place, so one shared array would
@@ -203,8 +250,8 @@ class EagleDrafter:
     def _write(self, features: mx.array, next_tokens: mx.array, positions: mx.array) -> mx.array:
         """Write the entries at ``positions`` (n,) not yet cached; returns their queries
         ``(1, H, n, hd)`` and layer inputs ``(n, d)``."""
-        x = self.head.entries(self.embed(next_tokens), features.astype(self.rows.dtype))
-        q, k, v = self.head.layer.self_attn.qkv(x[None], positions)
+        x, z = self.head.inputs(self.embed(next_tokens), features.astype(self.dtype))
+        q, k, v = self.head.layer.self_attn.qkv(z[None], positions)
         scratch = self.keys.shape[2] - 1
         slots = mx.where(positions >= self.cached, positions, scratch)
         self.keys[:, :, slots] = k
@@ -276,9 +323,9 @@ class EagleDrafter:
     ) -> mx.array:
         """Outputs ``(k, d)`` of draft nodes with target ids ``token`` ``(k,)`` and parent
         features ``(k, d)`` at ``position``; their keys join ``tree_k/v``."""
-        x = self.head.entries(self.embed(token), feature)
+        x, z = self.head.inputs(self.embed(token), feature, from_target=False)
         pos = mx.broadcast_to(position, token.shape)
-        q, kk, vv = self.head.layer.self_attn.qkv(x[None], pos)
+        q, kk, vv = self.head.layer.self_attn.qkv(z[None], pos)
         tree_k.append(kk)
         tree_v.append(vv)
         return self._attend(q, x, mask, tree_k, tree_v)

@@ -246,6 +246,14 @@ class EagleHead(nn.Module):
         """Layer inputs ``(..., d)`` of (next-token embedding, feature) pairs ``(..., d)``."""
         return self.fc(mx.concatenate([embeds, features.astype(embeds.dtype)], axis=-1))
 
+    def inputs(
+        self, embeds: mx.array, features: mx.array, from_target: bool = True
+    ) -> tuple[mx.array, mx.array]:
+        """``(x, x)``: the layer input ``(..., d)`` is both the residual and the attention
+        input (no input norm); target and fed-back features are read alike."""
+        x = self.entries(embeds, features)
+        return x, x
+
     def logits(self, out: mx.array, rows: mx.array | None) -> mx.array:
         """``(..., K)`` draft logits of predicted features ``out`` ``(..., d)``; ``rows``
         ``(K, d)`` are the target's LM-head rows of the draft vocabulary (unused with an

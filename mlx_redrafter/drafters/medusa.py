@@ -220,6 +220,10 @@ class MedusaDrafter:
 
     def _tree(self, lp: mx.array, root: mx.array, depth: int) -> Draft:
         choices = [c for c in self.choices if len(c) <= depth]
+        if not choices:
+            raise ValueError(
+                f"no medusa_choices path fits beam length {depth + 1} (at most {depth} ranks)"
+            )
         ranks = max(max(c) for c in choices) + 1
         ranked = mx.argsort(-lp, axis=-1)[:, :ranks].astype(mx.int32)  # (depth, ranks)
         table = np.zeros((len(choices), depth), dtype=np.int32)

@@ -13,8 +13,17 @@ LM head, no final norm), so the head runs as one; the embedding copy is checked 
 the target's shape and dropped (the drafter embeds with the target's own table). EAGLE-2
 is the same checkpoint drafting dynamic trees (``--tree-nodes``).
 
-EAGLE-3 (``draft_vocab_size`` in the config) and Medusa (``medusa_num_heads``) directories
-are recognised and refused with one line saying so.
+An EAGLE-3 directory (``draft_vocab_size`` in the config; ``target_hidden_size``
+optional, the target's width when absent) holds ``model.safetensors`` or
+``pytorch_model.bin`` with ``fc.weight`` ``(d, 3 d_t)``, ``midlayer.{hidden_norm,
+input_layernorm,post_attention_layernorm}.weight``, ``midlayer.self_attn.{q,k,v}_proj``
+reading ``2d``, ``midlayer.self_attn.o_proj``, ``midlayer.mlp.*``, ``norm.weight``,
+``lm_head.weight`` ``(K, d)``, ``d2t`` ``(K,)`` (target id = draft id + ``d2t``), ``t2d``
+``(V,)`` bool and optionally ``embed_tokens.weight`` ``(V, d)`` (absent: the target's
+embedding). It is read as an :class:`~.eagle3_head.Eagle3Head` by
+:func:`load_published_eagle3`; a converted MLX directory is the same files with
+``"draft_kind": "eagle3"`` in its config. Medusa directories (``medusa_num_heads``) are
+read by :mod:`~mlx_redrafter.drafters.medusa`.
 """
 
 from __future__ import annotations
@@ -24,8 +33,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_redrafter.checkpoint_files import load_weights_file
+from mlx_redrafter.drafters.eagle3_head import DRAFT_KIND as EAGLE3_KIND
+from mlx_redrafter.drafters.eagle3_head import Eagle3Config, Eagle3Head, tap_layers
 from mlx_redrafter.drafters.eagle_head import EagleConfig, EagleHead, head_from_weights
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 
@@ -64,6 +77,14 @@ def published_kind(path: str | Path) -> str | None:
     ):
         return "eagle"
     return None
+
+
+def is_eagle3_dir(path: str | Path) -> bool:
+    """A published EAGLE-3 directory or one converted to MLX (``draft_kind: eagle3``)."""
+    raw = _config(Path(path))
+    return raw is not None and (
+        raw.get("draft_kind") == EAGLE3_KIND or published_kind(path) == EAGLE3_KIND
+    )
 
 
 def target_dims(model: nn.Module) -> tuple[int, int]:
@@ -160,3 +181,105 @@ def resolve_head(spec: str | Path) -> Path:
         return Path(snapshot_download(str(spec), allow_patterns=HUB_PATTERNS))
     except HUB_ERRORS as e:
         raise ValueError(hub_error_message(str(spec), e)) from e
+
+
+D2T_KEY, T2D_KEY = "d2t", "t2d"
+
+
+def _eagle3_config(raw: dict, source: str, has_embedding: bool) -> Eagle3Config:
+    if raw.get("draft_vocab_size") is None:
+        raise ValueError(f"{source}: config.json has no draft_vocab_size")
+    base = eagle_config(raw, source)
+    fields = {k: v for k, v in vars(base).items() if k not in ("own_head", "bias")}
+    return Eagle3Config(
+        **fields,
+        target_hidden_size=int(raw.get("target_hidden_size") or base.hidden_size),
+        has_embedding=has_embedding,
+    )
+
+
+def draft_to_target(d2t: np.ndarray, t2d: np.ndarray, source: str) -> np.ndarray:
+    """``(K,)`` int32 target ids of the draft ids (``id + d2t[id]``), checked against the
+    ``(V,)`` bool ``t2d`` (exactly those ids marked, each once).
+
+    Raises:
+        ValueError: the two maps disagree (names how).
+    """
+    ids = np.arange(d2t.shape[0], dtype=np.int64) + d2t.astype(np.int64)
+    size = t2d.shape[0]
+    if ids.min() < 0 or ids.max() >= size:
+        raise ValueError(f"{source}: d2t maps draft ids outside the vocabulary of {size}")
+    if np.unique(ids).size != ids.size:
+        raise ValueError(f"{source}: d2t maps two draft ids to one target id")
+    marked = t2d.astype(bool)
+    if not marked[ids].all() or int(marked.sum()) != ids.size:
+        raise ValueError(
+            f"{source}: t2d marks {int(marked.sum())} target ids, not the {ids.size} d2t maps to"
+        )
+    return ids.astype(np.int32)
+
+
+def load_published_eagle3(
+    path: str | Path, target: tuple[int, int, int] | None = None
+) -> tuple[Eagle3Head, np.ndarray]:
+    """Read an EAGLE-3 head directory (published or converted), checked against ``target``.
+
+    Args:
+        path: The directory.
+        target: ``(vocab_size, hidden_size, num_layers)`` of the target, or ``None``.
+
+    Returns:
+        ``(head, draft vocabulary (K,) int32 target ids)``.
+
+    Raises:
+        ValueError: a missing or misshapen weight, maps that disagree, an unsupported
+            config field, too few target layers, or an unreadable weight file (named).
+        VocabularyMismatchError: the head was made for another hidden size or vocabulary.
+    """
+    path = Path(path)
+    source = f"EAGLE-3 head {path}"
+    raw = _config(path)
+    if raw is None:
+        raise ValueError(f"{source}: no readable {CONFIG_FILE}")
+    file, weights = read_eagle_weights(path)
+    where = f"{source} ({file.name})"
+    config = _eagle3_config(raw, source, EMBED_KEY in weights)
+    maps = {}
+    for key in (D2T_KEY, T2D_KEY):
+        if key not in weights:
+            raise ValueError(f"{where}: missing {key}")
+        maps[key] = np.array(weights.pop(key))
+    k, v = config.draft_size, config.vocab_size
+    if maps[D2T_KEY].shape != (k,) or maps[T2D_KEY].shape != (v,):
+        raise ValueError(
+            f"{where}: d2t has shape {maps[D2T_KEY].shape} and t2d {maps[T2D_KEY].shape}; "
+            f"the config says draft vocabulary {k} and vocabulary {v}"
+        )
+    ids = draft_to_target(maps[D2T_KEY], maps[T2D_KEY], where)
+    if target is not None:
+        tv, td, layers = target
+        if (v, config.target_hidden_size) != (tv, td):
+            raise VocabularyMismatchError(
+                f"{source} was made for vocabulary {v} and target hidden size "
+                f"{config.target_hidden_size}; the target has vocabulary {tv} and hidden size {td}"
+            )
+        if not config.has_embedding and config.hidden_size != td:
+            raise VocabularyMismatchError(
+                f"{source} has width {config.hidden_size} and no embed_tokens; the target's "
+                f"embedding has width {td}"
+            )
+        tap_layers(layers)
+    head = Eagle3Head(config)
+    expected = dict(tree_flatten(head.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing weights {missing}, unexpected {unknown}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{where}: {key} has shape {value.shape}, expected {expected[key].shape}"
+            )
+    head.load_weights(list(weights.items()))
+    head.eval()
+    return head, ids
