@@ -60,7 +60,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.draft_model import DraftRunner
-from mlx_redrafter.drafters.string_trie import StringTrie
+from mlx_redrafter.drafters.string_trie import Children, StringTrie
 from mlx_redrafter.drafters.vocab_map import reencode
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import Tree
@@ -100,6 +100,17 @@ class StringLaw:
         keep = targets >= 0
         np.add.at(self.psi, targets[keep], mass[keep])
         np.maximum.at(self.single, targets[keep], mass[keep])
+
+    def add_children(self, kids: Children, mass: np.ndarray) -> None:
+        """Add ``mass`` ``(V_d,)`` of children stopped after one open string to ``ψ``:
+        ``kids.base`` for all but ``kids.longer`` (summed at once, without a scatter over
+        ``V_d``)."""
+        self.add(kids.longer_targets, mass[kids.longer])
+        if kids.base >= 0:
+            rest = mass.copy()
+            rest[kids.longer] = 0.0
+            self.psi[kids.base] += rest.sum()
+            self.single[kids.base] = max(self.single[kids.base], rest.max())
 
 
 @dataclass(frozen=True)
@@ -214,9 +225,7 @@ def string_law(
         for node, row, kid in zip(frontier, probs, kids, strict=True):
             stopped = node.mass * row
             stopped[going_on.get(node.path, [])] = 0.0
-            targets = np.full(len(stopped), kid.base, dtype=np.int64)
-            targets[kid.longer] = kid.longer_targets
-            law.add(targets, stopped)
+            law.add_children(kid, stopped)
         frontier = chosen
     return law
 
