@@ -123,19 +123,43 @@ def test_walk_equals_brute_force_enumeration(pair, depth):
     np.testing.assert_allclose(np.array(again), np.array(logits), rtol=1e-5, atol=1e-5)
 
 
-def test_walk_with_siblings_seeing_each_other_is_caught(pair, monkeypatch):
-    """The check's power: a tree mask letting the expanded strings attend to each other."""
+#: Planted bugs in the walk: ``name -> (module attribute, original, broken)``.
+WALK_MUTANTS = {
+    # the expanded strings' tree mask lets them attend to each other
+    "siblings_see_each_other": (
+        "_tree",
+        "mask = np.eye(n, dtype=bool)",
+        "mask = np.ones((n, n), bool)",
+    ),
+    # an expanded open string also counted as stopped at its level (double counting)
+    "expanded_also_stopped": (
+        "string_law",
+        "stopped[[node.path[0] for node in frontier]] = 0.0",
+        "pass",
+    ),
+    # T(u + d)[0] taken as T(u)[0]: longer target tokens reached inside d ignored
+    "first_token_of_prefix": (
+        "string_law",
+        "law.add_children(kid, stopped)",
+        "law.add(np.full(len(stopped), kid.base), stopped)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WALK_MUTANTS))
+def test_walk_mutants_are_caught(pair, monkeypatch, name):
+    """The check's power: each planted bug changes ``ψ`` away from the enumeration."""
     _, target_tok, draft, draft_tok = pair
-    broken = mutant(slrs._tree, "mask = np.eye(n, dtype=bool)", "mask = np.ones((n, n), bool)")
-    monkeypatch.setattr(slrs, "_tree", broken)
+    attribute, original, broken = WALK_MUTANTS[name]
+    monkeypatch.setattr(slrs, attribute, mutant(getattr(slrs, attribute), original, broken))
     params = SamplingParams(temp=0.8)
-    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=64, depth=2)
+    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=64, depth=3)
     context = draft_tok.encode(PROMPT)
     logits = drafter.runner.start(context, stable=False)
     law = slrs.string_law(
-        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 64, 2, 0.0
+        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 64, 3, 0.0
     )
-    assert not np.allclose(law.psi, brute_force_law(draft, context, params, 2), rtol=1e-3)
+    assert not np.allclose(law.psi, brute_force_law(draft, context, params, 3), rtol=1e-3)
 
 
 def test_greedy_equals_ar(pair):
