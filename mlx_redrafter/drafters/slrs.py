@@ -193,7 +193,7 @@ def string_law(
     law = StringLaw(np.zeros(vocab_size))
     frontier: list[_Open] = []
     if depth > 1:
-        opened = np.nonzero(trie.root_open & (q > 0))[0]
+        opened = np.nonzero(trie.root_open & (q > 0) & (q >= min_mass))[0]
         frontier = _expand(
             [_Open((int(d),), trie.strings[int(d)], float(q[d])) for d in opened],
             width,
@@ -214,9 +214,11 @@ def string_law(
         candidates = []
         if level < depth:
             for node, row, kid in zip(frontier, probs, kids, strict=True):
+                mass = node.mass * row[kid.open_ids]
+                keep = (mass >= min_mass) & (mass > 0)
                 candidates += [
-                    _Open((*node.path, int(d)), node.string + trie.strings[int(d)], m)
-                    for d, m in zip(kid.open_ids, node.mass * row[kid.open_ids], strict=True)
+                    _Open((*node.path, int(d)), node.string + trie.strings[int(d)], float(m))
+                    for d, m in zip(kid.open_ids[keep], mass[keep], strict=True)
                 ]
         chosen = _expand(candidates, width, min_mass)
         going_on: dict[tuple[int, ...], list[int]] = {}
