@@ -3,7 +3,7 @@ string, and the target verifies the first target token of that string with the s
 exact probability under the draft model.
 
 Timor et al., "Accelerating LLM Inference with Lossless Speculative Decoding Algorithms
-for Heterogeneous Vocabularies" (ICML 2025), Section 3.2, Algorithm 3. Per drafted target
+for Heterogeneous Vocabularies" (ICML 2025), Section 3, Algorithm 3. Per drafted target
 position:
 
 1. The draft model samples ``d1, d2, ...`` (each from its sampling distribution ``q``:
