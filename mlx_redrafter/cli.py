@@ -172,7 +172,8 @@ def add_drafter_kind_arguments(parser: argparse.ArgumentParser) -> None:
         default="same",
         help="draft model: 'same' tokenizer (default); another tokenizer: 'tli' (drafts the "
         "tokens both vocabularies share), 'slem' (drafts text, re-tokenized) or 'slrs' "
-        "(drafts target tokens as strings, string-level rejection sampling)",
+        "(drafts a string, verifies its first target token against the string's "
+        "probability: string-level rejection sampling)",
     )
     parser.add_argument(
         "--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (3)"

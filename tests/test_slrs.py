@@ -1,13 +1,15 @@
-"""String-level rejection sampling (SLRS): proposals summed over every spelling.
+"""String-level rejection sampling (SLRS, Timor et al. 2025, Algorithm 3).
 
 Two hand-made tokenizers over the letters ``a b c d`` with deliberately overlapping
 vocabularies: the target has ``cd bcd abcd`` (not ``ab``, ``abc``), the draft has
-``ab abc cd``. The target token ``abcd`` has three draft spellings whose inner
-boundaries are no target token (``ab|cd``, ``abc|d``, ``ab|c|d``), so its proposal is a
-sum of paths. The walk's ``ψ`` equals a brute-force enumeration of all draft sequences
-(a wrong tree mask is caught); through the engine the first two output tokens keep the
-target's law (chi-square), and the same test fails when ``q`` is taken from one spelling
-only; greedy output equals AR, also for byte-level BPE pairs.
+``ab abc cd``. The draft writes a string until it is no prefix of a longer target token
+(or the depth bound); its first target token is the longest target token it starts with.
+``abcd`` then has several draft tokenizations (``ab|cd``, ``abc|d``, ``ab|c|d``,
+``a|b|cd``, ...), and so do ``a`` and the others, so ``ψ`` is a sum of paths. The walk's
+``ψ`` equals a brute-force enumeration of all draft sequences (a wrong tree mask is
+caught); through the engine the first two output tokens keep the target's law
+(chi-square), and the same test fails when ``ψ`` is taken from one tokenization only;
+greedy output equals AR, also for byte-level BPE pairs.
 """
 
 from __future__ import annotations
@@ -51,42 +53,52 @@ def pair():
     target_tok.eos_token_ids = {10**6}  # no EOS: run the full length
     draft_tok = letter_tokenizer(DRAFT_VOCAB, DRAFT_MERGES)
     target = tiny_model("llama", seed=3, vocab_size=len(TARGET_VOCAB))
-    draft = tiny_model("qwen3", seed=6, vocab_size=len(DRAFT_VOCAB))
+    draft = tiny_model("qwen3", seed=1, vocab_size=len(DRAFT_VOCAB))
     return target, target_tok, draft, draft_tok
 
 
-def test_trie_children_follow_the_first_boundary_rule(pair):
+def test_trie_maps_strings_to_their_first_target_token(pair):
     _, target_tok, _, draft_tok = pair
     trie = StringTrie.from_tokenizers(target_tok, draft_tok, len(DRAFT_VOCAB))
-    name = DRAFT_VOCAB.index
-    assert [DRAFT_VOCAB[d] for d in np.nonzero(trie.root_open)[0]] == ["ab", "abc"]
-    assert trie.root_target[name("cd")] == TARGET_VOCAB.index("cd")
-    terminal, open_ids = trie.children(b"ab")
-    abcd = TARGET_VOCAB.index("abcd")
-    assert terminal == [(name("cd"), abcd)] and open_ids == [name("c")]
-    assert trie.children(b"abc") == ([(name("d"), abcd)], [])
+    name, target = DRAFT_VOCAB.index, TARGET_VOCAB.index
+    assert [DRAFT_VOCAB[d] for d in np.nonzero(trie.root_open)[0]] == ["a", "b", "c", "ab", "abc"]
+    assert [TARGET_VOCAB[t] for t in trie.root_target] == ["a", "b", "c", "d", "a", "a", "cd"]
+    kids = trie.children(b"ab")
+    assert kids.base == target("a")
+    assert kids.longer.tolist() == [name("cd")] and kids.longer_targets.tolist() == [target("abcd")]
+    assert kids.open_ids.tolist() == [name("c")]
+    kids = trie.children(b"abc")
+    assert kids.longer.tolist() == [name("d")] and kids.open_ids.tolist() == []
+    assert trie.spell(target("abcd")) == (name("abc"), name("d"))
 
 
 def brute_force_law(draft, context: list[int], params: SamplingParams, depth: int) -> np.ndarray:
     """``ψ`` by enumerating every draft sequence of at most ``depth`` tokens, each scored
-    by a plain forward of the whole context (no cache, no tree)."""
+    by a plain forward of the whole context (no cache, no tree): a sequence counts when
+    the stop rule stops it at its last token, for the longest target token its string
+    starts with."""
     strings = [w.encode() for w in DRAFT_VOCAB]
     targets = {w.encode(): i for i, w in enumerate(TARGET_VOCAB)}
 
     def is_open(s: bytes) -> bool:
-        return s not in targets and any(t.startswith(s) and t != s for t in targets)
+        return any(t.startswith(s) and t != s for t in targets)
+
+    def first_token(s: bytes) -> int:
+        return targets[max((t for t in targets if s.startswith(t)), key=len)]
 
     psi = np.zeros(len(TARGET_VOCAB))
     for k in range(1, depth + 1):
         for path in itertools.product(range(len(strings)), repeat=k):
             spelled = [b"".join(strings[d] for d in path[:i]) for i in range(1, k + 1)]
-            if not all(is_open(s) for s in spelled[:-1]) or spelled[-1] not in targets:
-                continue
+            if not all(is_open(s) for s in spelled[:-1]):
+                continue  # stopped earlier
+            if k < depth and is_open(spelled[-1]):
+                continue  # goes on
             mass = 1.0
             for i, d in enumerate(path):
                 logits = draft(mx.array([[*context, *path[:i]]]))[0, -1]
                 mass *= float(params.probs(logits)[d])
-            psi[targets[spelled[-1]]] += mass
+            psi[first_token(spelled[-1])] += mass
     return psi
 
 
@@ -94,35 +106,60 @@ def brute_force_law(draft, context: list[int], params: SamplingParams, depth: in
 def test_walk_equals_brute_force_enumeration(pair, depth):
     target, target_tok, draft, draft_tok = pair
     params = SamplingParams(temp=0.8)
-    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=16, depth=depth)
+    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=64, depth=depth)
     context = draft_tok.encode(PROMPT)
     logits = drafter.runner.start(context, stable=False)
     law = slrs.string_law(
-        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, depth, 0.0
+        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 64, depth, 0.0
     )
     expected = brute_force_law(draft, context, params, depth)
     np.testing.assert_allclose(law.psi, expected, rtol=1e-4, atol=1e-7)
     abcd = TARGET_VOCAB.index("abcd")
-    assert law.psi[abcd] > 1.5 * law.one_spelling()[abcd] > 0  # several spellings count
-    assert law.psi.sum() <= 1 + 1e-6
+    assert law.psi[abcd] > law.single[abcd] > 0  # several tokenizations count
+    assert (law.psi - law.single).max() > 0.1  # and carry real mass
+    assert abs(law.psi.sum() - 1) < 1e-5  # every stopped string has a first target token
     # the cache is back where it was: the next logits are the context's
     again = drafter.runner.start(context, stable=False)
     np.testing.assert_allclose(np.array(again), np.array(logits), rtol=1e-5, atol=1e-5)
 
 
-def test_walk_with_siblings_seeing_each_other_is_caught(pair, monkeypatch):
-    """The check's power: a tree mask letting the expanded strings attend to each other."""
+#: Planted bugs in the walk: ``name -> (module attribute, original, broken)``.
+WALK_MUTANTS = {
+    # the expanded strings' tree mask lets them attend to each other
+    "siblings_see_each_other": (
+        "_tree",
+        "mask = np.eye(n, dtype=bool)",
+        "mask = np.ones((n, n), bool)",
+    ),
+    # an expanded open string also counted as stopped at its level (double counting)
+    "expanded_also_stopped": (
+        "string_law",
+        "stopped[[node.path[0] for node in frontier]] = 0.0",
+        "pass",
+    ),
+    # T(u + d)[0] taken as T(u)[0]: longer target tokens reached inside d ignored
+    "first_token_of_prefix": (
+        "string_law",
+        "law.add_children(kid, stopped)",
+        "law.add(np.full(len(stopped), kid.base), stopped)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WALK_MUTANTS))
+def test_walk_mutants_are_caught(pair, monkeypatch, name):
+    """The check's power: each planted bug changes ``ψ`` away from the enumeration."""
     _, target_tok, draft, draft_tok = pair
-    broken = mutant(slrs._tree, "mask = np.eye(n, dtype=bool)", "mask = np.ones((n, n), bool)")
-    monkeypatch.setattr(slrs, "_tree", broken)
+    attribute, original, broken = WALK_MUTANTS[name]
+    monkeypatch.setattr(slrs, attribute, mutant(getattr(slrs, attribute), original, broken))
     params = SamplingParams(temp=0.8)
-    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=16, depth=2)
+    drafter = SlrsDrafter(draft, target_tok, draft_tok, len(TARGET_VOCAB), width=64, depth=3)
     context = draft_tok.encode(PROMPT)
     logits = drafter.runner.start(context, stable=False)
     law = slrs.string_law(
-        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 16, 2, 0.0
+        drafter.runner, drafter.trie, logits, params, len(TARGET_VOCAB), 64, 3, 0.0
     )
-    assert not np.allclose(law.psi, brute_force_law(draft, context, params, 2), rtol=1e-3)
+    assert not np.allclose(law.psi, brute_force_law(draft, context, params, 3), rtol=1e-3)
 
 
 def test_greedy_equals_ar(pair):
@@ -165,7 +202,7 @@ def test_greedy_equals_ar_for_byte_level_pairs(arch, other):
         assert spec == ar, f"{arch} text {i}"
 
 
-ONE_SPELLING = ("np.log(law.psi / total)", "np.log(law.one_spelling() / total)")
+ONE_SPELLING = ("reported = law.psi", "reported = law.single")
 
 
 def bigram_model(rows: dict[int, list[float]], default: list[float]):

@@ -1,55 +1,51 @@
-"""String-level rejection sampling (SLRS): a draft model of another tokenizer proposes
-target tokens through the strings it writes, with their exact string-level probability.
+"""String-level rejection sampling (SLRS): a draft model of another tokenizer writes a
+string, and the target verifies the first target token of that string with the string's
+exact probability under the draft model.
 
-Timor et al. (ICML 2025), the third lossless heterogeneous-vocabulary method. The draft
-model writes text in its own tokens; a drafted *target* token is a string ``s`` the draft
-writes, and its proposal probability ``ψ(s)`` sums the draft's probability over every
-draft-token sequence that spells ``s``. The target verifies it with the ordinary chain
-rule on the normalised proposal ``Q`` (below): accept with ``min(1, p(t) / Q(t))``, on
-rejection resample from ``norm(max(0, p - Q))``
-(:func:`mlx_redrafter.accept.accept_chain`), so the output keeps the target's law
-exactly, token for token.
+Timor et al., "Accelerating LLM Inference with Lossless Speculative Decoding Algorithms
+for Heterogeneous Vocabularies" (ICML 2025), Section 3, Algorithm 3. Per drafted target
+position:
 
-The proposal, one target token at a time (after the context, and after each drafted
-token the path that spelled it):
+1. The draft model samples ``d1, d2, ...`` (each from its sampling distribution ``q``:
+   the target's temperature / top-p / top-k / min-p on the draft's logits) until the stop
+   rule ``S`` holds; ``s = d1 ⊕ ... ⊕ di``.
+2. ``t = T(s)[0]``, the first token of the target tokenization of ``s``.
+3. ``ψ(t)`` is the probability that steps 1-2 give ``t``: the sum, over every draft-token
+   sequence that ``S`` stops and whose string's first target token is ``t``, of
+   ``q(d1) q(d2 | d1) ... q(di | d<i)``.
+4. The target accepts ``t`` with ``min(1, p(t) / ψ(t))``; on rejection it draws from the
+   residual ``(p - min(p, ψ)) / (1 - Σ min(p, ψ))``, i.e. ``norm(max(0, p - ψ))``.
 
-* The draft writes tokens ``d1, d2, ...`` (each from its sampling distribution ``q``:
-  the target's temperature / top-p / top-k / min-p on the draft's logits) and stops at
-  the first token boundary where its string is a target token's byte string ``s``: it
-  proposes that token. A string that is no target token and no prefix of one is a dead
-  end, and so is one past the bounds below. ``ψ(t)`` is the probability of stopping at
-  ``t``: the sum, over every draft-token sequence ``d1 .. dk`` spelling ``bytes(t)``
-  whose earlier boundaries are no target token, of ``q(d1) q(d2 | d1) ... q(dk | d<k)``.
-  (The first-boundary rule makes the stops disjoint events, so ``ψ`` sums to at most 1;
-  summing over *every* spelling would count a path through ``"a" + "b"`` both for ``a``
-  and ``ab``.)
-* Dead ends are resampled (the draft starts over), so the drafted token is a sample of
-  ``Q = ψ / Σψ``; it is drawn directly from ``Q``, which is computed in full, and
-  ``Q`` is the ``q`` of the chain rule (``Draft.draft_logprobs``). The next position
-  continues from the most probable spelling of the drafted token.
+Step 4 is the ordinary chain rule (:func:`mlx_redrafter.accept.accept_chain`) with ``ψ``
+as the drafted token's ``q`` (``Draft.draft_logprobs``), so the output keeps the target's
+law exactly, token for token, for *any* deterministic ``T`` and ``S`` (the paper's
+losslessness argument needs only that ``ψ`` be the exact law of ``t``). This module fixes
+them so that ``ψ`` is computable by a trie walk:
 
-``ψ`` is computed exactly by walking the trie of target strings (:class:`StringTrie`)
-through draft tokens, level by level: level 1 is the draft's next-token distribution
-(terminal tokens add their mass to ``ψ``); the ``width`` most probable open strings are
-expanded, all of a level in one batched tree forward of the draft model (shared prefixes
-are one node; the cache is rewound after it), and so on up to ``depth`` draft tokens per
-target token. Open strings not expanded (beyond the ``width`` most probable, or less
-probable than ``min_mass``) are dead ends: they belong to the proposal's definition (the bound), so
-``ψ`` stays the exact law of what is sampled.
+* ``T(s)[0]`` is the longest target token that is a prefix of ``s``
+  (:class:`~mlx_redrafter.drafters.string_trie.StringTrie`);
+* ``S`` stops at the first ``i`` where ``s`` is no longer *open* (a proper prefix of a
+  longer target token: ``T(s)[0]`` is then final), or where the path ``d1 .. di`` is not
+  *expanded*: ``i = depth``, or the prefix is not among the ``width`` most probable open
+  strings of its level, or less probable than ``min_mass``. These bounds depend on the
+  context only, so they are part of the stop rule and ``ψ`` stays exact.
 
-Cost per drafted target token: one host synchronisation, up to ``depth - 1`` batched
-draft forwards (level ``l`` holds up to ``(l - 1) * width`` nodes; none when no open
-string reaches ``min_mass``), one forward of the chosen
-spelling (``<= depth`` tokens), and host work linear in the target tokens that extend the
-expanded strings (cached per string). A step drafting ``K`` tokens costs ``K`` times that,
-plus re-encoding the context (as TLI and SLEM do).
+``ψ`` is computed in full, level by level: level 1 is the draft's next-token law (every
+stopped token adds its mass to ``ψ[T(d)[0]]``); the expanded open strings of a level are
+read in **one batched tree forward** of the draft model (prefixes shared between
+tokenizations are one node; the cache is rewound after it), and their children are added
+in the same way. ``t`` is then drawn from ``ψ`` directly (the same law as running the
+draft and tokenizing). Draft tokens that map to no target token (a special token the
+target lacks) are dropped and ``ψ`` renormalised (the draft conditioned on not writing
+them). The next position continues the draft from a fixed spelling of ``t`` (greedy
+longest match in draft tokens).
 
-Where it pays (the paper's analysis): the number of spellings of a string grows
-exponentially with its length, and only strings the draft vocabulary splits finely (small
-draft vocabularies, target tokens the draft lacks) gain from them; with two large
-byte-level BPE vocabularies that share most short tokens, nearly every draft token is
-already a target token and stops at level 1 (``ψ`` is then the draft's ``q`` on the
-shared tokens, as in TLI but without renormalising).
+Cost per drafted target token: up to ``depth - 1`` batched draft forwards (level ``l``
+holds up to ``(l - 1) * width`` nodes; none when no open string reaches ``min_mass``), one
+forward of ``t``'s spelling, a ``(V,)`` proposal built on the host, one host
+synchronisation, and host work per expanded string linear in the target tokens that extend
+it (cached per string). A step drafting ``K`` tokens costs ``K`` times that, plus
+re-encoding the context (as TLI and SLEM do).
 """
 
 from __future__ import annotations
@@ -64,56 +60,62 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.draft_model import DraftRunner
-from mlx_redrafter.drafters.string_trie import StringTrie
+from mlx_redrafter.drafters.string_trie import Children, StringTrie
 from mlx_redrafter.drafters.vocab_map import reencode
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import Tree
 
 #: Open strings expanded per level (the most probable first).
 WIDTH = 8
-#: Draft tokens per drafted target token (levels of the walk).
+#: Draft tokens per drafted target token at most (levels of the walk).
 DEPTH = 2
-#: Open strings less probable than this are not expanded (a walk forward is skipped when
-#: none is more probable).
+#: Open strings less probable than this are not expanded.
 MIN_MASS = 0.01
 
 
 @dataclass
 class StringLaw:
-    """The proposal ``ψ`` of one target token (module doc).
+    """The proposal ``ψ`` of one target position (module doc).
 
     Attributes:
-        psi: ``(V,)`` float64 mass of stopping at each target token (sums to <= 1).
-        spellings: ``target id -> (mass, draft ids)``, the most probable spelling found
-            for each target token of ``psi > 0``.
+        psi: ``(V,)`` float64 probability of each first target token (sums to 1 less the
+            mass of draft tokens that map to no target token).
+        single: ``(V,)`` float64 the probability of each token's most probable single
+            draft-token sequence (``<= psi``; the gap is what the other tokenizations add).
         forwards: Batched draft forwards the walk used.
         nodes: Tree nodes those forwards held.
     """
 
     psi: np.ndarray
-    spellings: dict[int, tuple[float, tuple[int, ...]]] = field(default_factory=dict)
+    single: np.ndarray = field(default=None)  # type: ignore[assignment]
     forwards: int = 0
     nodes: int = 0
 
-    def one_spelling(self) -> np.ndarray:
-        """``(V,)`` the mass of each token's most probable spelling alone (``<= psi``; the
-        gap is what the other spellings add)."""
-        single = np.zeros_like(self.psi)
-        for target, (mass, _) in self.spellings.items():
-            single[target] = mass
-        return single
+    def __post_init__(self) -> None:
+        if self.single is None:
+            self.single = np.zeros_like(self.psi)
 
-    def add(self, targets: np.ndarray, mass: np.ndarray, spelling: list[tuple[int, ...]]):
-        """Add ``mass`` ``(n,)`` to ``psi[targets]``, keeping each token's best spelling."""
-        np.add.at(self.psi, targets, mass)
-        for target, m, path in zip(targets.tolist(), mass.tolist(), spelling, strict=True):
-            if m > self.spellings.get(target, (0.0,))[0]:
-                self.spellings[target] = (m, path)
+    def add(self, targets: np.ndarray, mass: np.ndarray) -> None:
+        """Add ``mass`` ``(n,)`` of stopped sequences to ``psi[targets]`` (``-1``: none)."""
+        keep = targets >= 0
+        np.add.at(self.psi, targets[keep], mass[keep])
+        np.maximum.at(self.single, targets[keep], mass[keep])
+
+    def add_children(self, kids: Children, mass: np.ndarray) -> None:
+        """Add ``mass`` ``(V_d,)`` of children stopped after one open string to ``ψ``:
+        ``kids.base`` for all but ``kids.longer`` (summed at once, without a scatter over
+        ``V_d``)."""
+        self.add(kids.longer_targets, mass[kids.longer])
+        if kids.base >= 0:
+            rest = mass.copy()
+            rest[kids.longer] = 0.0
+            self.psi[kids.base] += rest.sum()
+            self.single[kids.base] = max(self.single[kids.base], rest.max())
 
 
 @dataclass(frozen=True)
 class _Open:
-    """An open string: the draft ids spelling it, its bytes and its probability."""
+    """An expanded open string: the draft ids writing it, its bytes and its probability."""
 
     path: tuple[int, ...]
     string: bytes
@@ -158,6 +160,13 @@ def score_tree(runner: DraftRunner, tree: Tree) -> mx.array:
     return logits
 
 
+def _expand(candidates: list[_Open], width: int, min_mass: float) -> list[_Open]:
+    """The open strings the stop rule continues: the ``width`` most probable of mass at
+    least ``min_mass`` (ties broken by path, so the choice is a function of the context)."""
+    kept = [c for c in candidates if c.mass >= min_mass and c.mass > 0]
+    return sorted(kept, key=lambda c: (-c.mass, c.path))[:width]
+
+
 def string_law(
     runner: DraftRunner,
     trie: StringTrie,
@@ -177,20 +186,22 @@ def string_law(
         params: The sampling settings (``q`` = :meth:`SamplingParams.probs`).
         vocab_size: ``V``, the target's number of logits.
         width: Open strings expanded per level.
-        depth: Draft tokens per target token.
-        min_mass: Open strings less probable than this are dead ends.
+        depth: Draft tokens per string at most.
+        min_mass: Open strings less probable than this are not expanded.
     """
     q = np.array(params.probs(logits.astype(mx.float32)), dtype=np.float64)
     law = StringLaw(np.zeros(vocab_size))
-    terminal = np.nonzero((trie.root_target >= 0) & (q > 0))[0]
-    law.add(trie.root_target[terminal], q[terminal], [(int(d),) for d in terminal])
-    frontier = _most_probable(
-        [
-            _Open((int(d),), trie.strings[int(d)], float(q[d]))
-            for d in np.nonzero(trie.root_open & (q >= min_mass) & (q > 0))[0]
-        ],
-        width,
-    )
+    frontier: list[_Open] = []
+    if depth > 1:
+        opened = np.nonzero(trie.root_open & (q > 0) & (q >= min_mass))[0]
+        frontier = _expand(
+            [_Open((int(d),), trie.strings[int(d)], float(q[d])) for d in opened],
+            width,
+            min_mass,
+        )
+    stopped = q.copy()
+    stopped[[node.path[0] for node in frontier]] = 0.0
+    law.add(trie.root_target.astype(np.int64), stopped)
     for level in range(2, depth + 1):
         if not frontier:
             break
@@ -199,28 +210,31 @@ def string_law(
         law.forwards += 1
         law.nodes += tree.size
         probs = np.array(params.probs(logits[mx.array(rows)].astype(mx.float32)), np.float64)
-        opened = []
-        for node, row in zip(frontier, probs, strict=True):
-            ends, open_ids = trie.children(node.string)
-            if ends:
-                drafts, targets = np.array(ends, dtype=np.int64).T
-                law.add(targets, node.mass * row[drafts], [(*node.path, int(d)) for d in drafts])
-            if level < depth:
-                opened += [
-                    _Open((*node.path, d), node.string + trie.strings[d], node.mass * row[d])
-                    for d in open_ids
-                    if node.mass * row[d] >= min_mass and row[d] > 0
+        kids = [trie.children(node.string) for node in frontier]
+        candidates = []
+        if level < depth:
+            for node, row, kid in zip(frontier, probs, kids, strict=True):
+                mass = node.mass * row[kid.open_ids]
+                keep = (mass >= min_mass) & (mass > 0)
+                candidates += [
+                    _Open((*node.path, int(d)), node.string + trie.strings[int(d)], float(m))
+                    for d, m in zip(kid.open_ids[keep], mass[keep], strict=True)
                 ]
-        frontier = _most_probable(opened, width)
+        chosen = _expand(candidates, width, min_mass)
+        going_on: dict[tuple[int, ...], list[int]] = {}
+        for node in chosen:
+            going_on.setdefault(node.path[:-1], []).append(node.path[-1])
+        for node, row, kid in zip(frontier, probs, kids, strict=True):
+            stopped = node.mass * row
+            stopped[going_on.get(node.path, [])] = 0.0
+            law.add_children(kid, stopped)
+        frontier = chosen
     return law
 
 
-def _most_probable(nodes: list[_Open], width: int) -> list[_Open]:
-    return sorted(nodes, key=lambda node: -node.mass)[:width]
-
-
 class SlrsDrafter:
-    """Drafts target tokens as strings written by a draft model of another tokenizer.
+    """Drafts target tokens as the first target tokens of strings a draft model of another
+    tokenizer writes (module doc).
 
     Args:
         model: The draft model.
@@ -228,11 +242,11 @@ class SlrsDrafter:
         draft_tokenizer: The draft model's tokenizer.
         target_size: ``V``, the target's number of logits.
         width: Open strings expanded per level of the walk.
-        depth: Draft tokens per drafted target token.
+        depth: Draft tokens per string at most.
         min_mass: Open strings less probable than this are not expanded.
 
     Raises:
-        VocabularyMismatchError: if no draft token spells a target token.
+        VocabularyMismatchError: if no target token is a prefix of any draft token.
         ValueError: for ``width < 1`` or ``depth < 1``.
     """
 
@@ -272,8 +286,8 @@ class SlrsDrafter:
         """Nothing to do: the next :meth:`propose` re-encodes the extended text."""
 
     def propose(self, context: DraftContext, width: int, length: int) -> Draft:
-        """A ``(1, L)`` chain of target ids, each drawn from its ``Q`` (module doc), with
-        ``log Q`` ``(1, L-1, V)`` (``None`` when greedy: the argmax of ``Q``).
+        """A ``(1, L)`` chain of target ids, each drawn from its ``ψ`` (module doc), with
+        ``log ψ`` ``(1, L-1, V)`` (``None`` when greedy: the argmax of ``ψ``).
 
         Raises:
             ValueError: if ``width != 1``.
@@ -301,25 +315,30 @@ class SlrsDrafter:
             if logq is not None:
                 logprobs.append(logq)
             if j < length - 2:
-                logits = self.runner.extend(list(law.spellings[token][1]))
+                logits = self.runner.extend(self._spelling(token))
         beams = mx.array([drafted], dtype=mx.int32)
         return Draft(beams=beams, draft_logprobs=mx.stack(logprobs)[None] if logprobs else None)
+
+    def _spelling(self, token: int) -> list[int]:
+        """Draft ids that write target ``token`` (the trie's spelling, else re-encoded)."""
+        path = self.trie.spell(token)
+        if path is None:
+            return reencode([token], self.target_tokenizer, self.draft_tokenizer)
+        return list(path)
 
     def _draw(
         self, law: StringLaw, logits: mx.array, params: SamplingParams
     ) -> tuple[int, mx.array | None]:
-        """A target token from ``Q = ψ / Σψ`` and ``log Q`` ``(V,)`` (``None`` when greedy)."""
+        """A target token from ``ψ`` and ``log ψ`` ``(V,)`` (``None`` when greedy)."""
         total = law.psi.sum()
-        if total <= 0:  # every string dead-ends: propose the draft's likeliest terminal token
+        if total <= 0:  # no draft token maps to a target token: the likeliest one that does
             raw = np.array(logits.astype(mx.float32))
             raw[self.trie.root_target < 0] = -np.inf
-            best = int(np.argmax(raw))
-            target = int(self.trie.root_target[best])
-            law.psi[target] = 1.0
-            law.spellings[target] = (1.0, (best,))
-            total = 1.0
+            law.psi[int(self.trie.root_target[int(np.argmax(raw))])] = total = 1.0
         if params.greedy:
             return int(np.argmax(law.psi)), None
         with np.errstate(divide="ignore"):
-            logq = mx.array(np.log(law.psi / total), dtype=mx.float32)
-        return int(mx.random.categorical(logq).item()), logq
+            token = int(mx.random.categorical(mx.array(np.log(law.psi / total), mx.float32)).item())
+            reported = law.psi
+            logq = mx.array(np.log(reported / total), dtype=mx.float32)
+        return token, logq
