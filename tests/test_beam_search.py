@@ -23,6 +23,9 @@ from mlx_redrafter.drafters.redrafter import (
     head_from_weights,
 )
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 D = 6
 
 

@@ -15,6 +15,9 @@ from mlx_redrafter.cache import CacheRewindError, compact, gather_path, set_leng
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 VOCAB = 96
 ATOL = 1e-5
 

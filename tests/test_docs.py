@@ -13,6 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -29,6 +29,9 @@ from mlx_redrafter.drafters import DraftModelDrafter, VocabularyMismatchError
 from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.sampling import SamplingParams
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 VOCAB = 32
 SAMPLES = 200_000
 PROMPT = [3, 17, 5, 9]

@@ -33,6 +33,9 @@ from tiny_models import byte_tokenizer, tiny_model
 from mlx_redrafter import engine as gen
 from mlx_redrafter.models import DTYPES
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 ARCHS = ["llama", "qwen3", "gemma3_text"]
 KINDS = ["float32", "float16", "bfloat16", "q4"]
 

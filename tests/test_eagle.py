@@ -49,6 +49,9 @@ from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 # ----------------------------------------------------------------------------- reference
 
 

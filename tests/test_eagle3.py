@@ -38,6 +38,9 @@ from mlx_redrafter.drafters.published import published_kind
 from mlx_redrafter.prompt_cache import make_prompt_cache
 from mlx_redrafter.target import Target
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 V, DT, LAYERS, K = 96, 64, 8, 72
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -37,6 +37,9 @@ from mlx_redrafter.drafters.eagle import EagleDrafter, lm_head_rows
 from mlx_redrafter.engine import stream_generate
 from mlx_redrafter.sampling import SamplingParams
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 DRAWS = 400
 LENGTH = 3  # a chain of two drafted tokens after the root
 SETTINGS = {

@@ -40,6 +40,9 @@ from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.target import Target
 from mlx_redrafter.tree import pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 VOCAB = 32
 SAMPLES = 200_000
 PROMPT = [3, 17, 5, 9]

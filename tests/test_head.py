@@ -27,6 +27,9 @@ from mlx_redrafter.drafters.redrafter import (
     save_drafter,
 )
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 # ----------------------------------------------------------------- numpy reference
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlx_redrafter", "convert")
 

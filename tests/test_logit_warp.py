@@ -25,6 +25,9 @@ from mlx_redrafter.drafters.redrafter import ReDrafter, ReDrafterConfig, head_fr
 from mlx_redrafter.generate import main as generate_main
 from mlx_redrafter.sampling import SamplingParams
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 D, V, TOP_K = 6, 96, 50
 LOG_0 = -50000.0
 

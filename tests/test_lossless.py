@@ -24,6 +24,9 @@ from mlx_redrafter.drafters.redrafter import (
     find_input_embedding,
 )
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 ARCHS = ["llama", "qwen3", "gemma3_text"]
 NUM_PROMPTS = 20
 NUM_TOKENS = 200

@@ -23,6 +23,9 @@ from tiny_models import byte_tokenizer, tiny_model
 from mlx_redrafter import engine as gen
 from mlx_redrafter import target as target_module
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 #: Relative noise on every linear output of the tree forward: one ulp of bfloat16 (kernel
 #: rounding is half an ulp: 2**-12 in float16, 2**-9 in bfloat16), so that a 3,200-token
 #: run of a tiny model does flip a few near-ties. The near-tie bound is measured for the

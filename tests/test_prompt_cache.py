@@ -22,6 +22,9 @@ from mlx_redrafter.drafters.eagle import EagleDrafter, lm_head_rows
 from mlx_redrafter.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_redrafter.target import Target
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 MAX_TOKENS = 21
 
 

@@ -21,6 +21,9 @@ from mlx_redrafter.drafters.prompt_lookup import lookup_beams, match_starts
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 ARCHS = ["llama", "qwen3", "gemma3_text"]
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from mlx_redrafter.prompts import Prompt, balanced_subset, load_prompts
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -40,6 +40,9 @@ from mlx_redrafter.drafters.eagle_head import is_eagle_dir
 from mlx_redrafter.drafters.published import published_kind
 from mlx_redrafter.generate import main as generate_main
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

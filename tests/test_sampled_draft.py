@@ -46,6 +46,9 @@ from mlx_redrafter.drafters.sampled_chain import sample_chain
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 LENGTH = 3
 
 

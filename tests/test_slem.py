@@ -30,6 +30,9 @@ from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.drafters.slem import retokenize
 from mlx_redrafter.drafters.vocab_map import token_intersection
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 
 def bpe(vocab_size: int, add_prefix_space: bool = False, corpus: list[str] | None = None):
     """A byte-level BPE over the full byte alphabet (deterministic) with ``vocab_size``."""

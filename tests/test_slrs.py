@@ -30,6 +30,9 @@ from mlx_redrafter.drafters import SlrsDrafter, draft_model_drafter, slrs
 from mlx_redrafter.drafters.string_trie import StringTrie
 from mlx_redrafter.sampling import SamplingParams
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 TARGET_VOCAB = ["a", "b", "c", "d", "cd", "bcd", "abcd"]
 TARGET_MERGES = [("c", "d"), ("b", "cd"), ("a", "bcd")]
 DRAFT_VOCAB = ["a", "b", "c", "d", "ab", "abc", "cd"]

@@ -25,6 +25,9 @@ from mlx_redrafter.target import (
 )
 from mlx_redrafter.tree import Tree, pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 ATOL = 1e-4
 VOCAB = 96
 ARCHS = sorted(ARCH_CONFIGS)

@@ -26,6 +26,9 @@ from mlx_redrafter.drafters.base import DraftContext
 from mlx_redrafter.drafters.vocab_map import token_bytes, token_intersection
 from mlx_redrafter.sampling import SamplingParams
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 TEXTS = [
     "the cat sat on the mat. the cat",
     "hello world 123 456, the end. hello",

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from mlx_redrafter.tree import Tree, pack
 
+# the same code on Linux and macOS: CI's macOS pass leaves it out (tests/test_portable.py)
+pytestmark = pytest.mark.portable
+
 ROOT = 7
 
 
