@@ -3,12 +3,19 @@
 The functions users call from Python are re-exported here with mlx-lm's names
 (:func:`generate`, :func:`stream_generate`); the loop itself lives in
 :mod:`mlx_redrafter.engine`.
+
+Importing this module rebinds the package attribute ``mlx_redrafter.generate`` from the
+function to the module (Python's import system does that for every submodule), so the
+module is made callable as :func:`mlx_redrafter.engine.generate`: ``from mlx_redrafter
+import generate; generate(model, tokenizer, prompt)`` works whichever was imported first.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+from typing import Any
 
 from mlx_redrafter.cli import add_drafter_kind_arguments
 from mlx_redrafter.engine import GenerationResponse, StepStats, generate, stream_generate
@@ -93,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_generate(args)
 
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`mlx_redrafter.engine.generate`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

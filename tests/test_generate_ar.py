@@ -128,3 +128,23 @@ def test_cli_missing_model_is_one_clear_line(tmp_path):
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "model path not found" in err[0]
+
+
+def test_package_generate_stays_callable_after_the_cli_module_is_imported(tiny_model_dir):
+    """``import mlx_redrafter.generate`` rebinds the package attribute ``generate`` to the
+    CLI module; the module is callable as the function, so both import orders work."""
+    code = (
+        "import mlx_redrafter, mlx_lm, sys\n"
+        "from mlx_redrafter import generate as before\n"
+        "import mlx_redrafter.generate\n"
+        "from mlx_redrafter import generate as after\n"
+        "m, t = mlx_lm.load(sys.argv[1])\n"
+        "a = before(m, t, 'the cat', max_tokens=8)\n"
+        "b = after(m, t, 'the cat', max_tokens=8)\n"
+        "print(type(after).__name__, a == b and len(a) > 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["_CallableModule", "True"]
