@@ -36,7 +36,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
-from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, with_lookup
+from mlx_redrafter.cli import DEFAULT_LOOKUP_BEAMS, add_medusa_choices_argument, with_lookup
 from mlx_redrafter.divergence import divergence_report
 from mlx_redrafter.drafters import (
     EagleDrafter,
@@ -515,13 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0],
         help="EAGLE heads: dynamic trees of N nodes, W children per node (0 = beams)",
     )
-    p.add_argument(
-        "--medusa-choices",
-        default=None,
-        metavar="JSON|FILE",
-        help="Medusa heads: the tree as a JSON list of paths of top-k ranks per head, e.g. "
-        "'[[0],[0,0],[1]]', or a JSON file holding one (default: beams over the heads)",
-    )
+    add_medusa_choices_argument(p)
     p.add_argument(
         "--sampled-draft",
         choices=["on", "off", "both"],

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 TORCH_HINT = "pip install 'mlx-redrafter[torch]'"
 
@@ -80,3 +82,20 @@ def load_weights_file(file: str | Path) -> dict[str, mx.array]:
     if file.suffix == ".safetensors":
         return load_safetensors(file)
     return load_torch_tensors(file)
+
+
+def load_exact_weights(module: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+    """Load ``weights`` into ``module`` when their names and shapes are exactly the
+    module's parameters; else one ``ValueError`` naming ``where`` and the mismatch."""
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing weights {missing}, unexpected {unknown}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{where}: {key} has shape {value.shape}, expected {expected[key].shape}"
+            )
+    module.load_weights(list(weights.items()))
+    module.eval()

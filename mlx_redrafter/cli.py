@@ -38,6 +38,17 @@ def format_prompt(tokenizer, prompt: str, ignore_chat_template: bool) -> list[in
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def add_medusa_choices_argument(p: argparse.ArgumentParser) -> None:
+    """``--medusa-choices`` (generate, chat, server and bench)."""
+    p.add_argument(
+        "--medusa-choices",
+        default=None,
+        metavar="JSON|FILE",
+        help="Medusa heads: the tree as a JSON list of paths of top-k ranks per head, e.g. "
+        "'[[0],[0,0],[1]]', or a JSON file holding one (default: beams over the heads)",
+    )
+
+
 def parse_medusa_choices(value: str | None) -> list[list[int]] | None:
     """``--medusa-choices``: a JSON list of paths of ranks (``'[[0],[0,0],[1]]'``) or the
     path of a JSON file holding one; ``None`` when not given.

@@ -17,7 +17,7 @@ import sys
 import types
 from typing import Any
 
-from mlx_redrafter.cli import add_drafter_kind_arguments
+from mlx_redrafter.cli import add_drafter_kind_arguments, add_medusa_choices_argument
 from mlx_redrafter.engine import GenerationResponse, StepStats, generate, stream_generate
 
 __all__ = [
@@ -68,13 +68,7 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
         "(Apple's warp_logits; 50 reproduces Apple's beams for a converted Apple head). "
         "Default: off (full log-softmax)",
     )
-    p.add_argument(
-        "--medusa-choices",
-        default=None,
-        metavar="JSON|FILE",
-        help="Medusa heads: the tree as a JSON list of paths of top-k ranks per head, e.g. "
-        "'[[0],[0,0],[1]]', or a JSON file holding one (default: beams over the heads)",
-    )
+    add_medusa_choices_argument(p)
     p.add_argument("--acceptance", choices=["exact", "redrafter"], default="exact")
 
 

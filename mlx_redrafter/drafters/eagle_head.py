@@ -41,7 +41,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_redrafter.checkpoint_files import load_safetensors
+from mlx_redrafter.checkpoint_files import load_exact_weights, load_safetensors
 
 DRAFT_KIND = "eagle"
 CONFIG_FILE = "config.json"
@@ -335,18 +335,7 @@ def head_from_weights(
             f"{source}: draft_vocab has shape {vocab.shape}, expected ({config.draft_vocab_size},)"
         )
     head = EagleHead(config)
-    expected = dict(tree_flatten(head.parameters()))
-    unknown = sorted(set(weights) - set(expected))
-    missing = sorted(set(expected) - set(weights))
-    if unknown or missing:
-        raise ValueError(f"{source}: missing weights {missing}, unexpected {unknown}")
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{source}: {key} has shape {value.shape}, expected {expected[key].shape}"
-            )
-    head.load_weights(list(weights.items()))
-    head.eval()
+    load_exact_weights(head, weights, source)
     return head, None if vocab is None else np.array(vocab, dtype=np.int32)
 
 

@@ -34,9 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from mlx_redrafter.checkpoint_files import load_weights_file
+from mlx_redrafter.checkpoint_files import load_exact_weights, load_weights_file
 from mlx_redrafter.drafters.eagle3_head import DRAFT_KIND as EAGLE3_KIND
 from mlx_redrafter.drafters.eagle3_head import Eagle3Config, Eagle3Head, tap_layers
 from mlx_redrafter.drafters.eagle_head import EagleConfig, EagleHead, head_from_weights
@@ -270,16 +269,5 @@ def load_published_eagle3(
             )
         tap_layers(layers)
     head = Eagle3Head(config)
-    expected = dict(tree_flatten(head.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"{where}: missing weights {missing}, unexpected {unknown}")
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{where}: {key} has shape {value.shape}, expected {expected[key].shape}"
-            )
-    head.load_weights(list(weights.items()))
-    head.eval()
+    load_exact_weights(head, weights, where)
     return head, ids
