@@ -129,7 +129,7 @@ def main() -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     print(f"{len(rows)} MT-Bench conversations, greedy, max_tokens {args.max_tokens}, {model}")
-    same = sum(a == b for a, b in zip(*texts.values()))
+    same = sum(a == b for a, b in zip(*texts.values(), strict=True))
     print(f"identical two-turn texts: {same}/{len(rows)}")
     for name in ports:
         print(f"{name:14s} turn-2 TTFT s {spread(ttft[name])}  gen tok/s {spread(tps[name])}")
