@@ -44,7 +44,7 @@ import numpy as np
 from mlx_redrafter.drafters.base import Draft, DraftContext
 from mlx_redrafter.drafters.eagle3_head import Eagle3Head, tap_layers
 from mlx_redrafter.drafters.eagle_head import EagleHead, load_head
-from mlx_redrafter.drafters.redrafter import find_input_embedding
+from mlx_redrafter.drafters.redrafter import compute_dtype, find_input_embedding
 from mlx_redrafter.drafters.sampled_chain import to_target_space
 from mlx_redrafter.drafters.vocab_map import VocabularyMismatchError
 
@@ -81,18 +81,6 @@ def lm_head_rows(model: nn.Module, ids: np.ndarray | None) -> mx.array:
             **({"mode": table.mode} if hasattr(table, "mode") else {}),
         )
     return weight
-
-
-def head_dtype(model: nn.Module) -> mx.Dtype:
-    """The float dtype of ``model``'s LM head (of its scales when quantized; float32 when
-    neither is a float), which a feature-level head is cast to."""
-    table = getattr(model, "lm_head", None)
-    if table is None:
-        table = getattr(getattr(model, "model", model), "embed_tokens", None)
-    weight = getattr(table, "scales", None)
-    weight = getattr(table, "weight", None) if weight is None else weight
-    floats = (mx.float32, mx.float16, mx.bfloat16)
-    return weight.dtype if weight is not None and weight.dtype in floats else mx.float32
 
 
 @dataclass(frozen=True)
@@ -179,7 +167,7 @@ class EagleDrafter:
     ) -> EagleDrafter:
         """A drafter of ``head`` (draft vocabulary ``vocab`` (K,) or ``None``) for target
         ``model``, checked against it (``source`` names the head in errors); the head is
-        cast to the dtype of the target's LM head. An EAGLE-3 head reads the target
+        cast to the dtype the target computes in. An EAGLE-3 head reads the target
         layers :func:`~.eagle3_head.tap_layers` names and, without its own embedding,
         embeds with the target's (then its width must be the target's).
 
@@ -210,7 +198,7 @@ class EagleDrafter:
                     f"the target's embedding has width {d}"
                 )
         rows = None if cfg.own_head else lm_head_rows(model, vocab)
-        dtype = head_dtype(model)
+        dtype = compute_dtype(model)
         head.set_dtype(dtype)
         rows = None if rows is None else rows.astype(dtype)
         return cls(head, rows, embed, vocab, tree_nodes=tree_nodes, feature_layers=layers)
