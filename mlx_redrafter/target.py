@@ -261,15 +261,17 @@ class _LayerView:
         return getattr(self.cache, name)
 
 
-def _find(model: nn.Module, paths: tuple[tuple[str, ...], ...]) -> tuple[Any, str] | None:
-    """First ``(owner, attribute)`` in ``paths`` that exists on ``model``."""
+def _find(
+    model: nn.Module, paths: tuple[tuple[str, ...], ...], kind: type = nn.Module
+) -> tuple[Any, str] | None:
+    """First ``(owner, attribute)`` in ``paths`` that exists on ``model`` as a ``kind``."""
     for path in paths:
         owner = model
         for name in path[:-1]:
             owner = owner.get(name) if isinstance(owner, dict) else None
             if owner is None:
                 break
-        if isinstance(owner, nn.Module) and isinstance(owner.get(path[-1]), nn.Module):
+        if isinstance(owner, nn.Module) and isinstance(owner.get(path[-1]), kind):
             return owner, path[-1]
     return None
 
@@ -297,15 +299,14 @@ def _install_tap(model: nn.Module) -> _HiddenTap:
 
 def _layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
     """``(owner, attribute)`` of the model's list of decoder layers."""
-    for path in LAYER_PATHS:
-        owner = model
-        for name in path[:-1]:
-            owner = owner.get(name) if isinstance(owner, dict) else None
-        if isinstance(owner, nn.Module) and isinstance(owner.get(path[-1]), list):
-            return owner, path[-1]
-    raise UnsupportedModelError(
-        "no list of layers found (looked for " + ", ".join(".".join(p) for p in LAYER_PATHS) + ")"
-    )
+    found = _find(model, LAYER_PATHS, list)
+    if found is None:
+        raise UnsupportedModelError(
+            "no list of layers found (looked for "
+            + ", ".join(".".join(p) for p in LAYER_PATHS)
+            + ")"
+        )
+    return found
 
 
 def _install_layer_taps(model: nn.Module, taps: tuple[int, ...] | None) -> list[_LayerInputTap]:
