@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_redrafter.checkpoint_files import (  # noqa: F401  (re-exported)
     TORCH_HINT,
@@ -193,15 +194,17 @@ def save_eagle3(
     from mlx.utils import tree_flatten
 
     from mlx_redrafter.drafters.eagle3_head import DRAFT_KIND
-    from mlx_redrafter.drafters.published import D2T_KEY, T2D_KEY, read_eagle_weights
+    from mlx_redrafter.drafters.published import D2T_KEY, T2D_KEY
 
-    head, ids = load_published_eagle3(in_dir, target)  # every check
-    _, raw_weights = read_eagle_weights(in_dir)
+    head, ids = load_published_eagle3(in_dir, target)  # every check, d2t against t2d too
     weights = dict(tree_flatten(head.parameters()))
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
-    weights[D2T_KEY] = raw_weights[D2T_KEY]
-    weights[T2D_KEY] = raw_weights[T2D_KEY]
+    # the maps, rebuilt from the checked ids: d2t = id - draft id, t2d marks the ids
+    weights[D2T_KEY] = mx.array(ids.astype(np.int64) - np.arange(ids.size, dtype=np.int64))
+    t2d = np.zeros(head.config.vocab_size, dtype=bool)
+    t2d[ids] = True
+    weights[T2D_KEY] = mx.array(t2d)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / WEIGHTS_FILE), weights, {"format": "mlx"})
