@@ -395,6 +395,18 @@ class OracleEagle(EagleDrafter):
         self.wrong_every = wrong_every
         self.calls = 0
 
+    @classmethod
+    def of(
+        cls, drafter: EagleDrafter, sequence: list[int], size: int, wrong_every: int = 3
+    ) -> OracleEagle:
+        """``drafter`` (a loaded head, any draft vocabulary, target vocabulary ``size``)
+        under the same bias."""
+        other = cls.__new__(cls)
+        other.__dict__.update(vars(drafter))
+        other.sequence = mx.array(sequence + [0] * 64, dtype=mx.int32)
+        other.size, other.wrong_every, other.calls = size, wrong_every, 0
+        return other
+
     def reset(self, prompt_tokens: list[int]) -> None:
         super().reset(prompt_tokens)
         self.emitted: list[int] = []
@@ -412,7 +424,8 @@ class OracleEagle(EagleDrafter):
         truth = self.sequence[self._position + self._depth]
         if self._depth == self._wrong_at:
             truth = (truth + 1) % self.size
-        logits = base + 30.0 * (mx.arange(self.size) == truth)
+        ids = mx.arange(self.size) if self.vocab is None else self.vocab  # target ids
+        logits = base + 30.0 * (ids == truth)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def accepted(self, tokens: list[int]) -> None:

@@ -25,7 +25,7 @@ import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mutants import mutant
 from safetensors.numpy import save_file
-from test_eagle import SHAPES, _prompts, _tokens
+from test_eagle import SHAPES, OracleEagle, _prompts, _tokens
 from test_published_heads import _context, _generate_error, _one_line
 from tiny_models import byte_tokenizer, save_tiny_model_dir, tiny_model
 
@@ -311,34 +311,6 @@ def tokenizer():
     return TokenizerWrapper(byte_tokenizer())
 
 
-class Oracle3(EagleDrafter):
-    """The loaded drafter with its draft log-probs at depth ``t`` favouring the draft id
-    of AR's token ``t`` after the root (a wrong one at one depth every third proposal)."""
-
-    @classmethod
-    def of(cls, drafter: EagleDrafter, sequence: list[int]) -> Oracle3:
-        other = cls.__new__(cls)
-        other.__dict__.update(vars(drafter))
-        other.sequence = mx.array(sequence + [0] * 64, dtype=mx.int32)
-        other.calls = 0
-        return other
-
-    def grow(self, context, k: int, depth: int):
-        self.calls += 1
-        self._position, self._depth = context.position, 0
-        self._wrong_at = 1 + self.calls % depth if self.calls % 3 == 0 else 0
-        return super().grow(context, k, depth)
-
-    def _log_probs(self, out: mx.array) -> mx.array:
-        base = super()._log_probs(out)
-        self._depth += 1
-        truth = self.sequence[self._position + self._depth]
-        if self._depth == self._wrong_at:
-            truth = (truth + 1) % V
-        logits = base + 30.0 * (self.vocab == truth)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_greedy_equals_ar(arch, tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "eos_token_ids", {10**6})
@@ -350,7 +322,7 @@ def test_greedy_equals_ar(arch, tokenizer, monkeypatch):
         ar = _tokens(model, tokenizer, prompt, 24)
         for width, length, nodes in SHAPES[i::2]:
             published = load_drafter(_RANDOM_DIRS[i == 1], model, tree_nodes=nodes)
-            for drafter in (published, Oracle3.of(published, prompt + ar)):
+            for drafter in (published, OracleEagle.of(published, prompt + ar, V)):
                 stats = gen.StepStats()
                 out = _tokens(
                     model,
@@ -363,7 +335,7 @@ def test_greedy_equals_ar(arch, tokenizer, monkeypatch):
                     stats=stats,
                 )
                 assert out == ar, (arch, width, length, nodes, type(drafter).__name__)
-                if isinstance(drafter, Oracle3):
+                if isinstance(drafter, OracleEagle):
                     per_step.append(sum(stats.accepted) / len(stats.accepted))
     assert min(per_step) > 1.0, per_step
 
@@ -382,7 +354,7 @@ def test_greedy_equals_ar_on_half_and_4bit_targets(kind, tokenizer, monkeypatch)
     want = mx.float16 if kind == "q4" else getattr(mx, kind)
     assert published.head.fc.weight.dtype == want == published.dtype
     accepted = 0
-    for drafter in (published, Oracle3.of(published, prompt + ar)):
+    for drafter in (published, OracleEagle.of(published, prompt + ar, V)):
         stats = gen.StepStats()
         out = _tokens(
             model, tokenizer, prompt, 24, drafter=drafter, beam_width=3, beam_length=5, stats=stats
